@@ -1,0 +1,188 @@
+"""The `frozenlm` command line: serve, tasks, upload, delete, infer, train.
+
+`serve` and `train` import the server and the trainer lazily, so the client commands stay light
+(and `clients/` never imports torch at module level).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _client(args):
+    from clients.client import Client
+
+    return Client(args.url, api_key=args.api_key, timeout=args.timeout)
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def cmd_serve(args) -> int:
+    from service.app import run
+
+    run(host=args.host, port=args.port)
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    with _client(args) as c:
+        for t in c.list_tasks():
+            metrics = ", ".join(f"{k}={v}" for k, v in t.metrics.items() if k.startswith("eval_"))
+            print(f"{t.name:24} v{t.version:<4} {t.kind:10} {t.status:11} {metrics}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    with _client(args) as c:
+        _print(c.get_task(args.name).raw)
+    return 0
+
+
+def cmd_upload(args) -> int:
+    with _client(args) as c:
+        up = c.upload(args.name, args.file)
+    print(f"uploaded {up.name} v{up.version} ({up.kind}, {up.size_bytes} bytes, sha256 {up.sha256[:12]})")
+    return 0
+
+
+def cmd_delete(args) -> int:
+    with _client(args) as c:
+        c.delete(args.name)
+    print(f"deleted {args.name}")
+    return 0
+
+
+def cmd_infer(args) -> int:
+    params = {k: v for k, v in {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                                "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
+                                "stop": args.stop}.items() if v is not None}
+    with _client(args) as c:
+        res = c.infer(args.name, args.text, **params)
+    if args.json:
+        _print(res.raw)
+    else:
+        for out in res.outputs:
+            if out.label is not None:
+                scores = ", ".join(f"{k}={v:.3f}" for k, v in (out.scores or {}).items())
+                print(f"{out.label}\t({scores})")
+            else:
+                print(out.text)
+    return 0
+
+
+def _labels(value: str | None) -> dict[str, str] | None:
+    if not value:
+        return None
+    if value.lstrip().startswith("{"):
+        return json.loads(value)
+    return {name: f" {name}" for name in value.split(",")}
+
+
+def cmd_train(args) -> int:
+    from pathlib import Path
+
+    from modules.backbone import Backbone
+    from modules.train import TrainOptions, read_jsonl, train_module
+
+    rows = read_jsonl(args.data)
+    eval_rows = read_jsonl(args.eval) if args.eval else None
+    if args.eval_limit and eval_rows:
+        eval_rows = eval_rows[:args.eval_limit]
+    backbone = Backbone.load(args.backbone or os.environ.get("FROZENLM_BACKBONE") or None,
+                             device=args.device, dtype=args.dtype)
+    manifest = {"template": args.template, "chat": args.chat, "description": args.description}
+    if args.labels:
+        manifest["labels"] = _labels(args.labels)
+    options = TrainOptions(max_steps=args.max_steps, epochs=args.epochs, lr=args.lr,
+                           batch_size=args.batch_size, seed=args.seed)
+    result = train_module(backbone, args.kind, rows, options, eval_rows=eval_rows,
+                          config=json.loads(args.config) if args.config else None, **manifest)
+    Path(args.out).write_bytes(result.artifact)
+    _print(result.metrics)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="frozenlm", description="One frozen LM, many task modules.")
+    p.add_argument("--url", default=os.environ.get("FROZENLM_URL", "http://127.0.0.1:8000"),
+                   help="server URL (env FROZENLM_URL)")
+    p.add_argument("--api-key", default=os.environ.get("FROZENLM_API_KEY"), help="bearer key (env FROZENLM_API_KEY)")
+    p.add_argument("--timeout", type=float, default=120.0, help="request timeout in seconds")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="start the server (settings from FROZENLM_* env)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.set_defaults(func=cmd_serve)
+
+    sub.add_parser("tasks", help="list tasks").set_defaults(func=cmd_tasks)
+    s = sub.add_parser("show", help="one task's manifest")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("upload", help="upload (or replace) a task module artifact")
+    s.add_argument("name")
+    s.add_argument("file")
+    s.set_defaults(func=cmd_upload)
+
+    s = sub.add_parser("delete", help="delete a task")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_delete)
+
+    s = sub.add_parser("infer", help="run a task on a text")
+    s.add_argument("name")
+    s.add_argument("text")
+    s.add_argument("--max-new-tokens", type=int)
+    s.add_argument("--temperature", type=float)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.add_argument("--json", action="store_true", help="print the whole response")
+    s.set_defaults(func=cmd_infer)
+
+    s = sub.add_parser("train", help="train a module on JSONL rows {input, target|label}")
+    s.add_argument("kind", help="module kind, e.g. prompt")
+    s.add_argument("--data", required=True, help="training JSONL")
+    s.add_argument("--eval", help="evaluation JSONL")
+    s.add_argument("--eval-limit", type=int, help="evaluate on the first N eval rows only")
+    s.add_argument("--out", required=True, help="artifact to write (.zip)")
+    s.add_argument("--max-steps", type=int)
+    s.add_argument("--epochs", type=float, help="passes over the data (default: 1 unless --max-steps)")
+    s.add_argument("--lr", type=float, default=3e-2)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--config", help="the kind's config as JSON, e.g. '{\"num_virtual_tokens\": 16}'")
+    s.add_argument("--template", default="{input}", help="input template with {input}")
+    s.add_argument("--chat", action="store_true", help="wrap the template in the chat template")
+    s.add_argument("--labels", help="label verbalizers: JSON object, or a comma list (verbalizer = ' name')")
+    s.add_argument("--description", default="")
+    s.add_argument("--backbone", help="backbone source (default: FROZENLM_BACKBONE or the embedded one)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="auto")
+    s.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from clients.client import FrozenLMError
+
+    try:
+        return args.func(args)
+    except FrozenLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

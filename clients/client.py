@@ -1,0 +1,237 @@
+"""Python client for frozenlm: `Client` (sync) and `AsyncClient` over one base.
+
+Example::
+
+    from clients import Client
+
+    with Client("http://127.0.0.1:8000") as c:
+        print(c.infer("base", "What is the capital of France?").outputs[0].text)
+        print(c.infer("sst2", "a gorgeous, witty film").outputs[0].label)
+
+Every error the server answers raises a `FrozenLMError` subclass carrying the server's status,
+code and message. Pass `transport=httpx.ASGITransport(app)` to talk to an app in-process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class FrozenLMError(Exception):
+    """An error answered by the server (or a transport failure, status 0)."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+class NotFound(FrozenLMError):
+    pass
+
+
+class Unauthorized(FrozenLMError):
+    pass
+
+
+class InvalidRequest(FrozenLMError):
+    pass
+
+
+class Conflict(FrozenLMError):
+    pass
+
+
+class Overloaded(FrozenLMError):
+    pass
+
+
+_BY_STATUS = {401: Unauthorized, 403: Unauthorized, 404: NotFound, 409: Conflict, 400: InvalidRequest,
+              413: InvalidRequest, 422: InvalidRequest, 429: Overloaded, 503: Overloaded}
+
+
+def _raise_for(resp: httpx.Response) -> None:
+    if resp.is_success:
+        return
+    try:
+        err = resp.json()["error"]
+        code, message = err["code"], err["message"]
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", resp.text[:500]
+    raise _BY_STATUS.get(resp.status_code, FrozenLMError)(resp.status_code, code, message)
+
+
+@dataclass(frozen=True)
+class Output:
+    text: str
+    finish_reason: str
+    label: str | None = None
+    scores: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class InferResult:
+    task: str
+    version: int
+    outputs: list[Output]
+    usage: dict[str, int]
+    timings_ms: dict[str, float]
+    raw: dict = field(repr=False, default_factory=dict)
+
+    @classmethod
+    def of(cls, d: dict) -> "InferResult":
+        outs = [Output(o["text"], o["finish_reason"], o.get("label"), o.get("scores")) for o in d["outputs"]]
+        return cls(d["task"], d["version"], outs, d["usage"], d["timings_ms"], d)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    version: int
+    kind: str
+    status: str
+    size_bytes: int
+    metrics: dict[str, Any]
+    raw: dict = field(repr=False, default_factory=dict)
+
+    @classmethod
+    def of(cls, d: dict) -> "TaskInfo":
+        m = d.get("manifest") or {}
+        return cls(d["name"], d["version"], d["kind"], d["status"], d["size_bytes"], m.get("metrics", {}), d)
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    name: str
+    version: int
+    kind: str
+    sha256: str
+    size_bytes: int
+
+
+def _infer_body(inputs, params: dict) -> dict:
+    return {"inputs": inputs, "parameters": params, "stream": False}
+
+
+def _artifact_bytes(artifact: bytes | str | Path) -> bytes:
+    return artifact if isinstance(artifact, bytes) else Path(artifact).read_bytes()
+
+
+class _Base:
+    def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 120.0):
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = httpx.Timeout(timeout, connect=10.0)
+
+
+class Client(_Base):
+    """Synchronous client; use as a context manager or call `close()`."""
+
+    def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 120.0,
+                 transport: httpx.BaseTransport | None = None):
+        super().__init__(url, api_key, timeout)
+        self._http = httpx.Client(base_url=self.url, headers=self.headers, timeout=self.timeout,
+                                  transport=transport)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kw) -> httpx.Response:
+        try:
+            resp = self._http.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise FrozenLMError(0, "transport_error", str(e)) from e
+        _raise_for(resp)
+        return resp
+
+    def ready(self) -> bool:
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def backbone(self) -> dict:
+        return self._request("GET", "/backbone").json()
+
+    def list_tasks(self) -> list[TaskInfo]:
+        return [TaskInfo.of(t) for t in self._request("GET", "/tasks").json()["tasks"]]
+
+    def get_task(self, name: str) -> TaskInfo:
+        return TaskInfo.of(self._request("GET", f"/tasks/{name}").json())
+
+    def upload(self, name: str, artifact: bytes | str | Path) -> Uploaded:
+        r = self._request("PUT", f"/tasks/{name}", content=_artifact_bytes(artifact),
+                          headers={"Content-Type": "application/octet-stream"})
+        return Uploaded(**r.json())
+
+    def delete(self, name: str) -> None:
+        self._request("DELETE", f"/tasks/{name}")
+
+    def infer(self, name: str, inputs: str | list[str], **parameters) -> InferResult:
+        r = self._request("POST", f"/tasks/{name}/infer", json=_infer_body(inputs, parameters))
+        return InferResult.of(r.json())
+
+
+class AsyncClient(_Base):
+    """Asynchronous client with the same methods as `Client`, awaited."""
+
+    def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 120.0,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        super().__init__(url, api_key, timeout)
+        self._http = httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=self.timeout,
+                                       transport=transport)
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, **kw) -> httpx.Response:
+        try:
+            resp = await self._http.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise FrozenLMError(0, "transport_error", str(e)) from e
+        _raise_for(resp)
+        return resp
+
+    async def ready(self) -> bool:
+        try:
+            return (await self._http.get("/readyz")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    async def backbone(self) -> dict:
+        return (await self._request("GET", "/backbone")).json()
+
+    async def list_tasks(self) -> list[TaskInfo]:
+        return [TaskInfo.of(t) for t in (await self._request("GET", "/tasks")).json()["tasks"]]
+
+    async def get_task(self, name: str) -> TaskInfo:
+        return TaskInfo.of((await self._request("GET", f"/tasks/{name}")).json())
+
+    async def upload(self, name: str, artifact: bytes | str | Path) -> Uploaded:
+        r = await self._request("PUT", f"/tasks/{name}", content=_artifact_bytes(artifact),
+                                headers={"Content-Type": "application/octet-stream"})
+        return Uploaded(**r.json())
+
+    async def delete(self, name: str) -> None:
+        await self._request("DELETE", f"/tasks/{name}")
+
+    async def infer(self, name: str, inputs: str | list[str], **parameters) -> InferResult:
+        r = await self._request("POST", f"/tasks/{name}/infer", json=_infer_body(inputs, parameters))
+        return InferResult.of(r.json())

@@ -1,0 +1,261 @@
+"""The module protocol: manifest, kind registry, the TaskModule base class.
+
+A task module is immutable once loaded. It knows how to turn a request's text into token ids
+(its `template`) and what it contributes to a backbone pass (`contribution`). The engine never
+asks which kind it is.
+
+Example::
+
+    cls = kind_class("prompt")               # loud KeyError-style error on unknown kinds
+    module = cls.new(backbone, cls.Config(num_virtual_tokens=16))
+    blob = module.to_artifact()               # zip bytes: module.json + weights.safetensors
+    again = load_module(read_artifact(blob), backbone)
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from torch import nn
+
+from modules.artifact import ArtifactError, pack, read_artifact  # noqa: F401  (re-exported)
+from modules.backbone import Backbone
+from modules.batch import Contribution
+
+FORMAT = "frozenlm.module/1"
+MANIFEST_FILE = "module.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+# The kind registry: one line per kind, "kind": "module:Class". Adding a kind = its file + one line.
+KINDS: dict[str, str] = {
+    "prompt": "modules.prompt:PromptModule",
+    "template": "modules.template:TemplateModule",
+}
+
+
+class UnknownKind(ArtifactError):
+    def __init__(self, kind: str):
+        super().__init__(f"unknown module kind {kind!r}; known kinds: {', '.join(sorted(KINDS))}")
+
+
+class BackboneMismatch(ArtifactError):
+    """The module was made for another backbone (HTTP 409)."""
+
+
+def kind_class(kind: str) -> type["TaskModule"]:
+    try:
+        target = KINDS[kind]
+    except KeyError:
+        raise UnknownKind(kind) from None
+    mod, _, cls = target.partition(":")
+    return getattr(importlib.import_module(mod), cls)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackboneRef(_Strict):
+    """The backbone a module was trained on; loading onto another one is refused."""
+
+    name: str = Field("", description="Human-readable backbone name.")
+    model_type: str
+    hidden_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    fingerprint: str = Field(description="Hash of the backbone's config and a fixed weight sample.")
+
+    @classmethod
+    def of(cls, backbone: Backbone) -> "BackboneRef":
+        i = backbone.info
+        return cls(name=backbone.name, model_type=i.model_type, hidden_size=i.hidden_size,
+                   num_layers=i.num_layers, vocab_size=i.vocab_size, fingerprint=i.fingerprint)
+
+
+class GenerationDefaults(_Strict):
+    max_new_tokens: int = Field(64, ge=1, description="Default number of new tokens.")
+    temperature: float = Field(0.0, ge=0.0, description="0 means greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 means no top-k filtering.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings.")
+
+
+class Manifest(_Strict):
+    """`module.json`: what a module is, what it was made for, how to call it."""
+
+    format: Literal["frozenlm.module/1"] = FORMAT
+    kind: str = Field(description="The module kind; a key of the kind registry.")
+    backbone: BackboneRef
+    config: dict[str, Any] = Field(default_factory=dict, description="The kind's own config.")
+    template: str = Field("{input}", description="Input template; `{input}` is replaced by the request text.")
+    chat: bool = Field(False, description="Wrap the rendered template in the tokenizer's chat template.")
+    generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    labels: dict[str, str] | None = Field(
+        None, description="Classification: label -> verbalizer text scored as the continuation.")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    description: str = ""
+
+    @field_validator("template")
+    @classmethod
+    def _has_input(cls, v: str) -> str:
+        if "{input}" not in v:
+            raise ValueError("template must contain {input}")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None and (len(v) < 2 or any(not t for t in v.values())):
+            raise ValueError("labels needs at least two labels, each with a non-empty verbalizer")
+        return v
+
+
+class TaskModule(nn.Module):
+    """Base class of every kind. Subclasses set `kind` and `Config`, create their parameters in
+    `__init__(manifest, config, backbone)`, and override `contribution`.
+
+    Tensor keys in the artifact are `<kind>.<parameter name>` (e.g. `prompt.embeddings`)."""
+
+    kind: ClassVar[str]
+    Config: ClassVar[type[BaseModel]]
+
+    def __init__(self, manifest: Manifest, config: BaseModel, backbone: Backbone):
+        super().__init__()
+        self.manifest = manifest
+        self.config = config
+        self.tokenizer = backbone.tokenizer
+
+    # --- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def new(cls, backbone: Backbone, config: BaseModel | dict | None = None, **manifest_fields) -> "TaskModule":
+        """A fresh, trainable module for `backbone` (parameters initialised by the kind)."""
+        cfg = config if isinstance(config, BaseModel) else cls.Config(**(config or {}))
+        manifest = Manifest(kind=cls.kind, backbone=BackboneRef.of(backbone),
+                            config=cfg.model_dump(), **manifest_fields)
+        module = cls(manifest, cfg, backbone)
+        module.initialize(backbone)
+        return module.to(backbone.device)
+
+    def initialize(self, backbone: Backbone) -> None:
+        """Initialise parameters of a new module (not called when loading an artifact)."""
+
+    @classmethod
+    def from_tensors(cls, manifest: Manifest, tensors: dict[str, torch.Tensor], backbone: Backbone) -> "TaskModule":
+        """Build a loaded module, checking every tensor against the kind's config and the backbone."""
+        if manifest.backbone.fingerprint != backbone.info.fingerprint:
+            raise BackboneMismatch(
+                f"module was made for backbone {manifest.backbone.name or manifest.backbone.model_type} "
+                f"(fingerprint {manifest.backbone.fingerprint}), this server runs {backbone.name} "
+                f"(fingerprint {backbone.info.fingerprint})")
+        try:
+            cfg = cls.Config(**manifest.config)
+        except ValidationError as e:
+            raise ArtifactError(f"invalid {cls.kind} config: {e}") from e
+        module = cls(manifest, cfg, backbone)
+        expected = {f"{cls.kind}.{k}": v for k, v in module.state_dict().items()}
+        if set(tensors) != set(expected):
+            raise ArtifactError(
+                f"weights do not match the {cls.kind} config: expected tensors {sorted(expected)}, "
+                f"got {sorted(tensors)}")
+        for key, want in expected.items():
+            got = tensors[key]
+            if tuple(got.shape) != tuple(want.shape):
+                raise ArtifactError(f"tensor {key} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+            if not got.is_floating_point():
+                raise ArtifactError(f"tensor {key} has dtype {got.dtype}, expected a floating dtype")
+            if not torch.isfinite(got).all():
+                raise ArtifactError(f"tensor {key} contains NaN or Inf")
+        module.load_state_dict({k.removeprefix(f"{cls.kind}."): v for k, v in tensors.items()})
+        module.requires_grad_(False)
+        return module.to(device=backbone.device, dtype=backbone.dtype).eval()
+
+    # --- what the engine asks ----------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of the rendered template for one request text."""
+        return encode_template(self.tokenizer, self.manifest.template, self.manifest.chat, text)
+
+    def contribution(self, ids: list[int]) -> Contribution:
+        """What this module adds to a backbone pass for a row with these token ids."""
+        return Contribution()
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Positions this module adds in front of every row (counted against the input limit)."""
+        return 0
+
+    @functools.cached_property
+    def label_ids(self) -> list[list[int]]:
+        """Token ids of each label's verbalizer, in the manifest's label order."""
+        return [self.tokenizer(v, add_special_tokens=False)["input_ids"]
+                for v in (self.manifest.labels or {}).values()]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    # --- serialisation -----------------------------------------------------------------------
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{self.kind}.{k}": v.detach().to("cpu", torch.float32).contiguous()
+                for k, v in self.state_dict().items()}
+
+    def to_artifact(self, **manifest_updates) -> bytes:
+        from safetensors.torch import save
+
+        manifest = self.manifest.model_copy(update=manifest_updates)
+        return pack({MANIFEST_FILE: manifest.model_dump_json(indent=2).encode(),
+                     WEIGHTS_FILE: save(self.tensors())})
+
+
+def encode_template(tokenizer, template: str, chat: bool, text: str) -> list[int]:
+    prompt = template.replace("{input}", text)
+    if chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                               tokenize=False, add_generation_prompt=True)
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+class NoModule(TaskModule):
+    """The reserved task `base`: the backbone alone, through its chat template when it has one."""
+
+    kind = "base"
+    Config = _Strict
+
+    def __init__(self, backbone: Backbone):
+        manifest = Manifest(kind="base", backbone=BackboneRef.of(backbone),
+                            chat=backbone.tokenizer.chat_template is not None,
+                            description="The frozen backbone with no task module.")
+        super().__init__(manifest, _Strict(), backbone)
+
+
+def parse_manifest(raw: bytes) -> Manifest:
+    try:
+        return Manifest.model_validate(json.loads(raw))
+    except (ValueError, ValidationError) as e:
+        raise ArtifactError(f"invalid {MANIFEST_FILE}: {e}") from e
+
+
+def load_module(files: dict[str, bytes], backbone: Backbone) -> TaskModule:
+    """Turn the files of an unpacked artifact into a loaded, validated module."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    if MANIFEST_FILE not in files:
+        raise ArtifactError(f"artifact has no {MANIFEST_FILE} (files: {sorted(files)[:10]})")
+    manifest = parse_manifest(files[MANIFEST_FILE])
+    cls = kind_class(manifest.kind)
+    if WEIGHTS_FILE not in files:
+        raise ArtifactError(f"artifact has no {WEIGHTS_FILE}; weights must be safetensors (never pickle)")
+    try:
+        tensors = load(files[WEIGHTS_FILE])
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{WEIGHTS_FILE} is not a valid safetensors file: {e}") from e
+    return cls.from_tensors(manifest, tensors, backbone)

@@ -1,0 +1,168 @@
+"""Scoring and KV-cached generation over mixed batches of rows.
+
+`score` returns each label's log-likelihood as a continuation of a row (differentiable, so the
+trainer uses it too). `generate` runs one prefill over all rows and then one decode step per new
+token for the rows still running; rows finish independently (EOS, stop string, max tokens) and are
+dropped from the cache as they do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from modules.batch import Contribution, Row, build_pass
+
+
+@dataclass
+class ScoreItem:
+    ids: list[int]
+    contribution: Contribution
+    continuations: list[list[int]]  # token ids of each label's verbalizer
+
+
+def score(backbone, items: list[ScoreItem]) -> list[torch.Tensor]:
+    """Log-likelihood of each continuation after each item's row: one (K,) tensor per item.
+
+    When every continuation is one token, one row per item is enough (read the next-token
+    distribution); otherwise each (row, continuation) pair becomes its own row."""
+    if all(len(c) == 1 for it in items for c in it.continuations):
+        p = build_pass(backbone, [Row(it.ids, it.contribution) for it in items])
+        hidden = backbone.forward(p.embeds, p.mask, p.positions)[:, -1]              # (N, H)
+        logp = torch.log_softmax(backbone.logits(hidden), dim=-1)                    # (N, V)
+        return [logp[n, [c[0] for c in it.continuations]] for n, it in enumerate(items)]
+
+    rows, targets = [], []
+    for it in items:
+        for cont in it.continuations:
+            rows.append(Row(it.ids + cont, it.contribution))
+            targets.append(cont)
+    p = build_pass(backbone, rows)
+    hidden = backbone.forward(p.embeds, p.mask, p.positions)                         # (R, L, H)
+    C = max(len(t) for t in targets)
+    # Logits at position j predict token j+1: the last C+1 positions cover every continuation.
+    logp = torch.log_softmax(backbone.logits(hidden[:, -C - 1:-1]), dim=-1)          # (R, C, V)
+    lls = []
+    for r, t in enumerate(targets):
+        tok = torch.tensor(t, device=logp.device)
+        lls.append(logp[r, C - len(t):].gather(-1, tok[:, None]).sum())
+    out, k = [], 0
+    for it in items:
+        out.append(torch.stack(lls[k:k + len(it.continuations)]))
+        k += len(it.continuations)
+    return out
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenItem:
+    ids: list[int]
+    contribution: Contribution
+    sampling: Sampling
+    on_text: Callable[[str], None] | None = None  # called with each new piece of text (streaming)
+
+
+@dataclass
+class Generated:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+def _pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
+    """One next token for one row from its logits. (V,) -> int"""
+    if s.temperature == 0.0:
+        return int(logits.argmax())
+    logits = logits.float().cpu() / s.temperature
+    if s.top_k:
+        kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) >= s.top_p  # keep the smallest set reaching top_p
+        logits[order[drop]] = float("-inf")
+    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+
+
+class _RowState:
+    def __init__(self, item: GenItem, tokenizer, eos: set[int]):
+        self.item, self.tokenizer, self.eos = item, tokenizer, eos
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.finish: str | None = None
+        self.gen = None
+        if item.sampling.temperature > 0:
+            self.gen = torch.Generator()
+            if item.sampling.seed is None:
+                self.gen.seed()
+            else:
+                self.gen.manual_seed(item.sampling.seed)
+        # A stop string may span tokens: hold back that much text while streaming.
+        self.holdback = max((len(s) for s in item.sampling.stop), default=1) - 1
+
+    def push(self, tok: int) -> None:
+        s = self.item.sampling
+        if tok in self.eos:
+            self.finish = "stop"
+        else:
+            self.ids.append(tok)
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            for stop in s.stop:
+                at = self.text.find(stop)
+                if at >= 0:
+                    self.text, self.finish = self.text[:at], "stop"
+            if self.finish is None and len(self.ids) >= s.max_new_tokens:
+                self.finish = "length"
+        self._stream()
+
+    def _stream(self) -> None:
+        if self.item.on_text is None:
+            return
+        end = len(self.text) if self.finish else len(self.text) - self.holdback
+        if not self.finish and self.text.endswith("\ufffd"):  # an incomplete UTF-8 character
+            end = min(end, len(self.text) - 1)
+        if end > self.emitted:
+            self.item.on_text(self.text[self.emitted:end])
+            self.emitted = end
+
+
+@torch.inference_mode()
+def generate(backbone, items: list[GenItem]) -> list[Generated]:
+    """Generate for every item in one KV-cached batch; each row as if it ran alone."""
+    states = [_RowState(it, backbone.tokenizer, backbone.eos_token_ids) for it in items]
+    p = build_pass(backbone, [Row(it.ids, it.contribution) for it in items])
+    cache = backbone.new_cache()
+    hidden = backbone.forward(p.embeds, p.mask, p.positions, cache)                 # (B, L, H)
+    logits = backbone.logits(hidden[:, -1])                                          # (B, V)
+    mask, pos = p.mask, p.positions[:, -1:] + 1                                      # (B, L), (B, 1)
+    active = list(range(len(items)))
+    while True:
+        for j, i in enumerate(active):
+            states[i].push(_pick(logits[j], states[i].item.sampling, states[i].gen))
+        keep = [j for j, i in enumerate(active) if states[i].finish is None]
+        if not keep:
+            break
+        if len(keep) < len(active):
+            idx = torch.tensor(keep, device=mask.device)
+            cache.batch_select_indices(idx)
+            mask, pos = mask[idx], pos[idx]
+            active = [active[j] for j in keep]
+        last = torch.tensor([[states[i].ids[-1]] for i in active], device=mask.device)  # (b, 1)
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)                  # (b, S+1)
+        hidden = backbone.forward(backbone.embed(last), mask, pos, cache)               # (b, 1, H)
+        logits = backbone.logits(hidden[:, -1])                                         # (b, V)
+        pos = pos + 1
+    return [Generated(s.ids, s.text, s.finish) for s in states]

@@ -1,0 +1,200 @@
+"""Training any module kind against the frozen backbone.
+
+Rows are `{"input", "target"}` (generation: loss on the target's tokens, then EOS) or
+`{"input", "label"}` (classification: cross-entropy over the labels' verbalizer likelihoods, the
+same scores the server uses to answer). Only the module's parameters get gradients; the backbone
+stays bit-identical.
+
+Example::
+
+    result = train_module(backbone, "prompt", rows, TrainOptions(max_steps=200),
+                          eval_rows=dev, template="Review: {input}\\nSentiment:",
+                          labels={"negative": " negative", "positive": " positive"})
+    open("sst2.zip", "wb").write(result.artifact)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from modules.backbone import Backbone
+from modules.base import TaskModule, kind_class
+from modules.decode import GenItem, Sampling, ScoreItem, generate, score
+
+
+@dataclass
+class TrainOptions:
+    max_steps: int | None = None  # with epochs too, whichever ends first; neither = one epoch
+    epochs: float | None = None
+    lr: float = 3e-2
+    batch_size: int = 8
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    seed: int = 0
+    eval_batch_size: int = 32
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    module: TaskModule
+    metrics: dict
+    history: list[float] = field(default_factory=list)
+
+    @property
+    def artifact(self) -> bytes:
+        return self.module.to_artifact(metrics=self.metrics)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON: {e}") from e
+            if not isinstance(row, dict) or "input" not in row or not ({"target", "label"} & row.keys()):
+                raise ValueError(f'{path}:{n}: a row needs "input" and "target" or "label"')
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def default_labels(rows: list[dict]) -> dict[str, str] | None:
+    """label -> " label" for classification data, None for generation data."""
+    names = sorted({str(r["label"]) for r in rows if "label" in r})
+    return {n: f" {n}" for n in names} or None
+
+
+class _Task:
+    """Turns rows into scoring items for one module (labels or targets)."""
+
+    def __init__(self, module: TaskModule, backbone: Backbone):
+        self.module, self.backbone = module, backbone
+        tok = backbone.tokenizer
+        self.label_names = list(module.manifest.labels or {})
+        eos = tok.eos_token_id
+        self._target = lambda t: tok(t, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+
+    def items(self, rows: list[dict]) -> list[ScoreItem]:
+        out = []
+        for r in rows:
+            ids = self.module.encode(str(r["input"]))
+            conts = self.module.label_ids if "label" in r else [self._target(str(r["target"]))]
+            out.append(ScoreItem(ids, self.module.contribution(ids), conts))
+        return out
+
+    def loss(self, rows: list[dict]) -> torch.Tensor:
+        lls = score(self.backbone, self.items(rows))
+        losses = []
+        for r, ll in zip(rows, lls):
+            if "label" in r:
+                gold = self.label_names.index(str(r["label"]))
+                losses.append(torch.nn.functional.cross_entropy(ll[None], torch.tensor([gold], device=ll.device)))
+            else:
+                losses.append(-ll[0] / len(self._target(str(r["target"]))))
+        return torch.stack(losses).mean()
+
+
+@torch.inference_mode()
+def evaluate(module: TaskModule, backbone: Backbone, rows: list[dict], batch_size: int = 32,
+             progress: bool = False) -> dict:
+    """accuracy on label rows, exact match on target rows (greedy)."""
+    task = _Task(module, backbone)
+    labelled = [r for r in rows if "label" in r]
+    targeted = [r for r in rows if "label" not in r]
+    metrics: dict = {}
+    bar = tqdm(total=len(rows), desc="eval", disable=not progress, leave=False)
+    if labelled:
+        correct = 0
+        for i in range(0, len(labelled), batch_size):
+            chunk = labelled[i:i + batch_size]
+            for r, ll in zip(chunk, score(backbone, task.items(chunk))):
+                correct += task.label_names[int(ll.argmax())] == str(r["label"])
+            bar.update(len(chunk))
+        metrics["eval_accuracy"] = round(correct / len(labelled), 4)
+    if targeted:
+        hits = 0
+        gen = module.manifest.generation
+        for i in range(0, len(targeted), batch_size):
+            chunk = targeted[i:i + batch_size]
+            items = []
+            for r in chunk:
+                ids = module.encode(str(r["input"]))
+                n = len(task._target(str(r["target"])))
+                items.append(GenItem(ids, module.contribution(ids), Sampling(max_new_tokens=n + 2, stop=gen.stop)))
+            for r, g in zip(chunk, generate(backbone, items)):
+                hits += g.text.strip() == str(r["target"]).strip()
+            bar.update(len(chunk))
+        metrics["eval_exact_match"] = round(hits / len(targeted), 4)
+    bar.close()
+    metrics["eval_rows"] = len(rows)
+    return metrics
+
+
+def train_module(backbone: Backbone, kind: str, rows: list[dict], options: TrainOptions | None = None,
+                 eval_rows: list[dict] | None = None, config: dict | None = None,
+                 **manifest_fields) -> TrainResult:
+    """Train a new module of `kind` on `rows`; return it with its metrics."""
+    opt = options or TrainOptions()
+    torch.manual_seed(opt.seed)
+    rng = random.Random(opt.seed)
+    if "labels" not in manifest_fields:
+        manifest_fields["labels"] = default_labels(rows)
+    module = kind_class(kind).new(backbone, config, **manifest_fields)
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    task = _Task(module, backbone)
+
+    steps_per_epoch = math.ceil(len(rows) / opt.batch_size)
+    by_epochs = math.ceil(opt.epochs * steps_per_epoch) if opt.epochs else None
+    if opt.max_steps is None:
+        total = by_epochs or steps_per_epoch
+    else:
+        total = min(opt.max_steps, by_epochs) if by_epochs else opt.max_steps
+    optim = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
+    warm = min(opt.warmup_steps, max(1, total // 10))
+    # Linear warm-up, then linear decay to 0.
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+
+    order: list[int] = []
+    history: list[float] = []
+    start = time.monotonic()
+    bar = tqdm(range(total), desc=f"train {kind}", disable=not opt.progress)
+    for _ in bar:
+        if len(order) < opt.batch_size:
+            fresh = list(range(len(rows)))
+            rng.shuffle(fresh)
+            order += fresh
+        batch = [rows[i] for i in order[:opt.batch_size]]
+        del order[:opt.batch_size]
+        loss = task.loss(batch)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        sched.step()
+        history.append(loss.item())
+        bar.set_postfix(loss=f"{sum(history[-20:]) / len(history[-20:]):.4f}")
+    module.eval()
+    module.requires_grad_(False)
+
+    metrics = {"train_steps": total, "train_rows": len(rows), "batch_size": opt.batch_size, "lr": opt.lr,
+               "train_loss": round(sum(history[-20:]) / max(1, len(history[-20:])), 4),
+               "train_seconds": round(time.monotonic() - start, 1)}
+    if eval_rows:
+        metrics.update(evaluate(module, backbone, eval_rows, opt.eval_batch_size, opt.progress))
+    return TrainResult(module, metrics, history)

@@ -1,0 +1,62 @@
+"""create_app(settings): the FastAPI app. The backbone loads in a background thread at start-up,
+so /healthz answers at once and /readyz turns 200 when the model is ready."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service import errors
+from service.api import health, infer, tasks
+from service.config import Settings
+from service.runtime import Runtime
+
+log = logging.getLogger("frozenlm")
+
+
+def create_app(settings: Settings | None = None, *, backbone=None, wait_ready: bool = False) -> FastAPI:
+    """The app. `backbone` injects an already-loaded Backbone (tests); `wait_ready=True` finishes
+    loading before the app serves requests."""
+    settings = settings or Settings()
+    runtime = Runtime(settings, backbone)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not settings.admin_key:
+            log.warning("no FROZENLM_ADMIN_KEY set: uploads and deletes are open to anyone who can reach %s",
+                        settings.host)
+        loading = asyncio.get_running_loop().run_in_executor(None, runtime.load)
+        if wait_ready:
+            await loading
+        try:
+            yield
+        finally:
+            try:
+                await loading
+            except Exception:  # noqa: BLE001 - already logged by Runtime.load
+                pass
+            runtime.stop()
+
+    app = FastAPI(title="frozenlm", version="0.1.0", lifespan=lifespan,
+                  description="One frozen language model, many small task modules applied per request.")
+    app.state.runtime = runtime
+    errors.install(app)
+    for router in (health.router, tasks.router, infer.router):
+        app.include_router(router)
+    return app
+
+
+def run(host: str | None = None, port: int | None = None) -> None:
+    """`frozenlm serve`: one process, one backbone (never several workers each loading the model)."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    if host:
+        settings.host = host
+    if port:
+        settings.port = port
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")

@@ -1,0 +1,36 @@
+"""Settings: environment variables with the prefix FROZENLM_, or a `.env` file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples" / "tasks"
+
+
+class Settings(BaseSettings):
+    """Every setting of the server. Example: `FROZENLM_PORT=9000 frozenlm serve`."""
+
+    model_config = SettingsConfigDict(env_prefix="FROZENLM_", env_file=".env", extra="ignore")
+
+    backbone: str = Field("", description="HF folder, hub id or GGUF path; empty = the embedded SmolLM2 default.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N.")
+    dtype: str = Field("auto", description="auto (bf16 on CUDA, else float32), float32, bfloat16, float16.")
+    cache_dir: Path | None = Field(None, description="Backbone cache (dequantized GGUF); default ~/.cache/frozenlm.")
+    store_dir: Path = Field(Path("./data/modules"), description="Where module artifacts live.")
+    examples: bool = Field(True, description="Install the example tasks into an empty store at start.")
+    examples_dir: Path = Field(EXAMPLES_DIR, description="Folder of example artifacts (<name>.zip).")
+    admin_key: str | None = Field(None, description="Bearer key for uploads and deletes; unset = open.")
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8000, description="Bind port.")
+
+    max_upload_bytes: int = Field(64 * 1024 * 1024, description="Largest artifact accepted (413 above).")
+    max_input_tokens: int = Field(2048, description="Longest rendered input accepted (413 above).")
+    max_new_tokens: int = Field(1024, description="Largest max_new_tokens a request may ask for (422 above).")
+    max_batch_size: int = Field(32, description="Most rows in one backbone batch.")
+    max_batch_tokens: int = Field(16384, description="Token budget of one batch (prompt + new tokens).")
+    max_queue: int = Field(256, description="Queued requests before new ones get 429.")
+    cache_bytes: int = Field(1 << 30, description="Byte budget of loaded modules on the device (LRU).")
+    threads: int = Field(0, description="torch CPU threads; 0 = torch's default.")

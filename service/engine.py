@@ -1,0 +1,90 @@
+"""The engine: one thread owns the backbone and runs batches from the scheduler.
+
+A batch mixes rows of any tasks; classification rows are scored in one pass, generation rows
+decoded together with one KV cache. Each job's future gets its own result.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from modules.backbone import Backbone
+from modules.decode import GenItem, ScoreItem, generate, score
+from service.scheduler import Job, Scheduler
+
+log = logging.getLogger("frozenlm.engine")
+
+
+@dataclass(frozen=True)
+class Scored:
+    label: str
+    scores: dict[str, float]
+
+
+class Engine:
+    def __init__(self, backbone: Backbone, scheduler: Scheduler, on_batch=None):
+        self.backbone, self.scheduler = backbone, scheduler
+        self.on_batch = on_batch  # callback(jobs, seconds) for metrics
+        self._thread = threading.Thread(target=self._loop, name="frozenlm-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop taking requests, finish what is queued, then return."""
+        self.scheduler.close()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            jobs = self.scheduler.next_batch()
+            if not jobs:
+                if self.scheduler.closed:
+                    return
+                continue
+            self.run(jobs)
+
+    def run(self, jobs: list[Job]) -> None:
+        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # skip cancelled requests
+        if not jobs:
+            return
+        start = time.monotonic()
+        for j in jobs:
+            j.started = start
+        try:
+            with torch.inference_mode():
+                results = self._compute(jobs)
+        except Exception as e:  # noqa: BLE001 - every waiting request must hear about it
+            log.exception("batch of %d failed", len(jobs))
+            for j in jobs:
+                j.future.set_exception(e)
+            return
+        end = time.monotonic()
+        for j, r in zip(jobs, results):
+            j.finished = end
+            j.future.set_result(r)
+        if self.on_batch:
+            self.on_batch(jobs, results, end - start)
+
+    def _compute(self, jobs: list[Job]) -> list:
+        results: list = [None] * len(jobs)
+        scoring = [i for i, j in enumerate(jobs) if j.sampling is None]
+        if scoring:
+            items = [ScoreItem(jobs[i].ids, jobs[i].module.contribution(jobs[i].ids), jobs[i].module.label_ids)
+                     for i in scoring]
+            for i, ll in zip(scoring, score(self.backbone, items)):
+                names = list(jobs[i].module.manifest.labels)
+                probs = torch.softmax(ll.float(), -1).tolist()
+                results[i] = Scored(names[int(ll.argmax())], dict(zip(names, probs)))
+        gen = [i for i, j in enumerate(jobs) if j.sampling is not None]
+        if gen:
+            items = [GenItem(jobs[i].ids, jobs[i].module.contribution(jobs[i].ids), jobs[i].sampling,
+                             jobs[i].on_text) for i in gen]
+            for i, g in zip(gen, generate(self.backbone, items)):
+                results[i] = g
+        return results

@@ -1,0 +1,148 @@
+"""Loaded modules: an LRU cache on the device, keyed by (task, version).
+
+A request resolves its task once and holds that module object until it finishes, so replacing
+or evicting a version never changes what an in-flight request uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from modules.artifact import ArtifactError, read_artifact
+from modules.backbone import Backbone
+from modules.base import NoModule, TaskModule, load_module, parse_manifest, MANIFEST_FILE
+from service.errors import Conflict, Invalid, NotFound, Unavailable, from_artifact_error
+from service.store import ModuleStore, StoredModule, valid_name
+
+log = logging.getLogger("frozenlm.registry")
+
+BASE = "base"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    name: str
+    version: int
+    module: TaskModule
+
+
+class Registry:
+    def __init__(self, store: ModuleStore, backbone: Backbone, cache_bytes: int = 1 << 30,
+                 max_artifact_bytes: int = 512 * 1024 * 1024):
+        self.store, self.backbone = store, backbone
+        self.cache_bytes, self.max_artifact_bytes = cache_bytes, max_artifact_bytes
+        self._base = NoModule(backbone)
+        self._loaded: OrderedDict[tuple[str, int], TaskModule] = OrderedDict()
+        self._broken: dict[tuple[str, int], str] = {}  # artifacts on disk that failed to load
+        self._lock = threading.RLock()
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0}
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def check_all(self) -> None:
+        """At start: read every stored manifest; a corrupt artifact marks only its task unavailable."""
+        for name in self.store.names():
+            stored = self.store.get(name)
+            try:
+                files = read_artifact(self.store.read(stored), max_bytes=self.max_artifact_bytes)
+                parse_manifest(files.get(MANIFEST_FILE, b"{}"))
+            except (ArtifactError, OSError) as e:
+                log.error("task %s v%d is unavailable: %s", name, stored.version, e)
+                self._broken[(name, stored.version)] = str(e)
+
+    def status(self, stored: StoredModule) -> tuple[str, str | None]:
+        err = self._broken.get((stored.name, stored.version))
+        return ("unavailable", err) if err else ("ready", None)
+
+    def manifest(self, stored: StoredModule) -> dict | None:
+        with self._lock:
+            module = self._loaded.get((stored.name, stored.version))
+        if module is not None:
+            return module.manifest.model_dump()
+        try:
+            files = read_artifact(self.store.read(stored), max_bytes=self.max_artifact_bytes)
+            return parse_manifest(files[MANIFEST_FILE]).model_dump()
+        except (ArtifactError, OSError, KeyError):
+            return None
+
+    def resolve(self, name: str) -> Resolved:
+        """The module serving `name` now, loaded on the device (blocking on a cold load)."""
+        if name == BASE:
+            return Resolved(BASE, 0, self._base)
+        stored = self.store.get(name) if valid_name(name) else None
+        if stored is None:
+            raise NotFound(f"task {name!r} not found", code="task_not_found")
+        key = (name, stored.version)
+        with self._lock:
+            if key in self._broken:
+                raise Unavailable(f"task {name!r} v{stored.version} is unavailable: {self._broken[key]}",
+                                  code="task_unavailable")
+            module = self._loaded.get(key)
+            if module is not None:
+                self._loaded.move_to_end(key)
+                self.stats["hits"] += 1
+                return Resolved(name, stored.version, module)
+            self.stats["misses"] += 1
+            try:
+                module = load_module(read_artifact(self.store.read(stored), max_bytes=self.max_artifact_bytes),
+                                     self.backbone)
+            except FileNotFoundError:  # replaced or deleted between get() and read(): try again
+                return self.resolve(name)
+            except (ArtifactError, OSError) as e:
+                self._broken[key] = str(e)
+                raise Unavailable(f"task {name!r} v{stored.version} is unavailable: {e}",
+                                  code="task_unavailable") from e
+            self._insert(key, module)
+            return Resolved(name, stored.version, module)
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def validate(self, data: bytes) -> TaskModule:
+        """Load an uploaded artifact without storing it; raises a ServiceError if it is invalid."""
+        try:
+            return load_module(read_artifact(data, max_bytes=self.max_artifact_bytes), self.backbone)
+        except ArtifactError as e:
+            raise from_artifact_error(e) from e
+
+    def put(self, name: str, data: bytes) -> StoredModule:
+        """Validate fully, then store atomically; a refused artifact leaves the store unchanged."""
+        if name == BASE:
+            raise Conflict("the task name 'base' is reserved for the backbone alone", code="reserved_name")
+        if not valid_name(name):
+            raise Invalid(f"invalid task name {name!r}: must match ^[a-z0-9][a-z0-9._-]{{0,63}}$",
+                          code="invalid_name")
+        module = self.validate(data)
+        stored = self.store.put(name, data, module.kind)
+        with self._lock:
+            self._insert((name, stored.version), module)
+        return stored
+
+    def delete(self, name: str) -> None:
+        if name == BASE:
+            raise Conflict("the task 'base' is the backbone itself and cannot be deleted", code="reserved_name")
+        if not valid_name(name) or not self.store.delete(name):
+            raise NotFound(f"task {name!r} not found", code="task_not_found")
+        with self._lock:
+            for key in [k for k in self._loaded if k[0] == name]:
+                del self._loaded[key]
+
+    def _insert(self, key: tuple[str, int], module: TaskModule) -> None:
+        with self._lock:
+            for old in [k for k in self._loaded if k[0] == key[0] and k != key]:
+                del self._loaded[old]  # superseded versions: in-flight requests keep their reference
+            self._loaded[key] = module
+            self._loaded.move_to_end(key)
+            while len(self._loaded) > 1 and self.loaded_bytes > self.cache_bytes:
+                self._loaded.popitem(last=False)
+                self.stats["evictions"] += 1
+
+    @property
+    def loaded_bytes(self) -> int:
+        return sum(m.nbytes for m in self._loaded.values())
+
+    @property
+    def loaded_count(self) -> int:
+        return len(self._loaded)

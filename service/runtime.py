@@ -1,0 +1,227 @@
+"""The service object the routes call: backbone, store, registry, scheduler and engine together.
+
+Route handlers call one method here each; nothing torch-related runs on the event loop (module
+loads and tokenization go to the thread pool, forward passes to the engine thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from starlette.concurrency import run_in_threadpool
+
+from service import metrics
+from service.config import Settings
+from service.errors import Invalid, TooLarge, Unavailable
+from service.schemas import InferRequest, InferResponse, Output, TaskOut, Uploaded, Usage
+from service.scheduler import Job, Scheduler
+
+log = logging.getLogger("frozenlm.runtime")
+
+
+class Runtime:
+    def __init__(self, settings: Settings, backbone=None):
+        self.settings = settings
+        self.scheduler = Scheduler(settings.max_queue, settings.max_batch_size, settings.max_batch_tokens)
+        self.backbone = backbone  # injected (tests) or loaded in load()
+        self.registry = None
+        self.engine = None
+        self.error: str | None = None
+        self._ready = threading.Event()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load the backbone, open the store, install examples, start the engine (blocking)."""
+        import torch
+
+        from modules.backbone import Backbone
+        from service.engine import Engine
+        from service.registry import Registry
+        from service.store import ModuleStore
+
+        s = self.settings
+        try:
+            if s.threads:
+                torch.set_num_threads(s.threads)
+            t = time.monotonic()
+            if self.backbone is None:
+                self.backbone = Backbone.load(s.backbone or None, device=s.device, dtype=s.dtype,
+                                              cache_dir=s.cache_dir)
+            log.info("backbone %s loaded on %s/%s in %.1fs (fingerprint %s)", self.backbone.name,
+                     self.backbone.device, self.backbone.dtype, time.monotonic() - t, self.backbone.info.fingerprint)
+            store = ModuleStore(s.store_dir)
+            self.registry = Registry(store, self.backbone, s.cache_bytes, max_artifact_bytes=8 * s.max_upload_bytes)
+            if s.examples and not store.names():
+                self._install_examples(s.examples_dir)
+            self.registry.check_all()
+            self.engine = Engine(self.backbone, self.scheduler, on_batch=metrics.observe_batch)
+            self.engine.start()
+            self._ready.set()
+            log.info("ready: %d tasks in %s", len(store.names()), s.store_dir)
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+            log.exception("start-up failed")
+            raise
+
+    def _install_examples(self, folder: Path) -> None:
+        from service.errors import ServiceError
+
+        for path in sorted(Path(folder).glob("*.zip")):
+            try:
+                self.registry.put(path.stem, path.read_bytes())
+                log.info("installed example task %s", path.stem)
+            except ServiceError as e:
+                log.warning("example task %s not installed: %s", path.stem, e.message)
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def _require_ready(self) -> None:
+        if not self.ready:
+            raise Unavailable(self.error or "backbone is still loading", code="not_ready",
+                              headers={"Retry-After": "5"})
+
+    # --- tasks -------------------------------------------------------------------------------
+
+    def _task_out(self, stored, with_manifest: bool) -> TaskOut:
+        status, err = self.registry.status(stored)
+        return TaskOut(name=stored.name, version=stored.version, kind=stored.kind, status=status,
+                       size_bytes=stored.size_bytes, sha256=stored.sha256, error=err,
+                       manifest=self.registry.manifest(stored) if with_manifest else None)
+
+    def list_tasks(self) -> list[TaskOut]:
+        self._require_ready()
+        store = self.registry.store
+        return [self._task_out(st, True) for n in store.names() if (st := store.get(n)) is not None]
+
+    def get_task(self, name: str) -> TaskOut:
+        from service.errors import NotFound
+
+        self._require_ready()
+        stored = self.registry.store.get(name) if name != "base" else None
+        if stored is None:
+            raise NotFound(f"task {name!r} not found", code="task_not_found")
+        return self._task_out(stored, True)
+
+    async def put_task(self, name: str, data: bytes) -> Uploaded:
+        self._require_ready()
+        stored = await run_in_threadpool(self.registry.put, name, data)
+        return Uploaded(name=stored.name, version=stored.version, kind=stored.kind, sha256=stored.sha256,
+                        size_bytes=stored.size_bytes)
+
+    async def delete_task(self, name: str) -> None:
+        self._require_ready()
+        await run_in_threadpool(self.registry.delete, name)
+
+    # --- inference ---------------------------------------------------------------------------
+
+    def _jobs(self, module, texts: list[str], req: InferRequest, on_text=None) -> list[Job]:
+        """Tokenize and check limits (runs in the thread pool)."""
+        from modules.decode import Sampling
+
+        s, p, gen = self.settings, req.parameters, module.manifest.generation
+        if p.max_new_tokens is not None and p.max_new_tokens > s.max_new_tokens:
+            raise Invalid(f"max_new_tokens {p.max_new_tokens} is above the limit {s.max_new_tokens}",
+                          code="limit_exceeded")
+        max_new = p.max_new_tokens or min(gen.max_new_tokens, s.max_new_tokens)
+        jobs = []
+        for text in texts:
+            ids = module.encode(text)
+            virtual = module.num_virtual_tokens
+            if len(ids) + virtual > s.max_input_tokens:
+                raise TooLarge(f"input is {len(ids)} tokens; the limit is {s.max_input_tokens - virtual}",
+                               code="input_too_long")
+            if module.manifest.labels:
+                sampling, cost = None, len(ids) + virtual + sum(len(c) for c in module.label_ids)
+            else:
+                sampling = Sampling(
+                    max_new_tokens=max_new,
+                    temperature=p.temperature if p.temperature is not None else gen.temperature,
+                    top_p=p.top_p if p.top_p is not None else gen.top_p,
+                    top_k=p.top_k if p.top_k is not None else gen.top_k,
+                    seed=p.seed,
+                    stop=p.stop if p.stop is not None else gen.stop)
+                cost = len(ids) + virtual + max_new
+            jobs.append(Job(module, ids, sampling, cost, on_text=on_text))
+        return jobs
+
+    async def _run(self, jobs: list[Job]) -> list:
+        self.scheduler.submit(jobs)
+        metrics.QUEUE_DEPTH.set(self.scheduler.depth)
+        try:
+            return await asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs))
+        except asyncio.CancelledError:  # client went away: drop what has not started
+            for j in jobs:
+                j.future.cancel()
+            raise
+
+    @staticmethod
+    def _output(result) -> Output:
+        from service.engine import Scored
+
+        if isinstance(result, Scored):
+            return Output(text=result.label, finish_reason="label", label=result.label, scores=result.scores)
+        return Output(text=result.text, finish_reason=result.finish_reason)
+
+    def _response(self, resolved, jobs, results, t0: float) -> InferResponse:
+        completion = sum(len(r.token_ids) for r in results if hasattr(r, "token_ids"))
+        timings = {"queue": max(j.started - j.enqueued for j in jobs) * 1e3,
+                   "inference": max(j.finished - j.started for j in jobs) * 1e3,
+                   "total": (time.monotonic() - t0) * 1e3}
+        return InferResponse(task=resolved.name, version=resolved.version,
+                             outputs=[self._output(r) for r in results],
+                             usage=Usage(prompt_tokens=sum(len(j.ids) for j in jobs), completion_tokens=completion),
+                             timings_ms={k: round(v, 2) for k, v in timings.items()})
+
+    async def infer(self, name: str, req: InferRequest) -> InferResponse:
+        self._require_ready()
+        t0 = time.monotonic()
+        resolved = await run_in_threadpool(self.registry.resolve, name)
+        texts = [req.inputs] if isinstance(req.inputs, str) else req.inputs
+        with metrics.track(resolved.name, resolved.module.kind):
+            jobs = await run_in_threadpool(self._jobs, resolved.module, texts, req)
+            results = await self._run(jobs)
+        return self._response(resolved, jobs, results, t0)
+
+    async def infer_stream(self, name: str, req: InferRequest) -> AsyncIterator[dict]:
+        """Server-sent events: {"text": piece} per new piece, then a final `done` event."""
+        self._require_ready()
+        if not isinstance(req.inputs, str):
+            raise Invalid("streaming takes a single input text", code="invalid_request")
+        t0 = time.monotonic()
+        resolved = await run_in_threadpool(self.registry.resolve, name)
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+        jobs = await run_in_threadpool(self._jobs, resolved.module, [req.inputs], req,
+                                       lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
+        task = asyncio.ensure_future(self._run(jobs))
+
+        async def events() -> AsyncIterator[dict]:
+            try:
+                with metrics.track(resolved.name, resolved.module.kind):
+                    while not (task.done() and pieces.empty()):
+                        getter = asyncio.ensure_future(pieces.get())
+                        await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                        if getter.done():
+                            yield {"data": json.dumps({"text": getter.result()})}
+                        else:
+                            getter.cancel()
+                    results = task.result()
+                final = self._response(resolved, jobs, results, t0)
+                yield {"event": "done", "data": final.model_dump_json()}
+            finally:
+                task.cancel()
+
+        return events()

@@ -1,0 +1,75 @@
+"""The queue between the API and the engine: bounded, FIFO, batches across tasks.
+
+`submit` never waits: a full queue answers 429 with Retry-After. `next_batch` takes the oldest
+jobs, whatever their task or kind, up to a row count and a token budget.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from service.errors import Overloaded, Unavailable
+
+
+@dataclass(eq=False)
+class Job:
+    """One row of work: a module, its token ids, and either sampling settings or label scoring."""
+
+    module: object               # modules.base.TaskModule (kept untyped: no torch import here)
+    ids: list[int]
+    sampling: object | None      # modules.decode.Sampling; None = score the module's labels
+    cost: int                    # tokens this job may occupy in a batch
+    on_text: object | None = None
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float = 0.0
+    finished: float = 0.0
+
+
+class Scheduler:
+    def __init__(self, max_queue: int = 256, max_batch_size: int = 32, max_batch_tokens: int = 16384):
+        self.max_queue, self.max_batch_size, self.max_batch_tokens = max_queue, max_batch_size, max_batch_tokens
+        self._q: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+
+    @property
+    def depth(self) -> int:
+        return len(self._q)
+
+    def submit(self, jobs: list[Job]) -> None:
+        with self._cond:
+            if self._closed:
+                raise Unavailable("server is shutting down", code="shutting_down")
+            if len(self._q) + len(jobs) > self.max_queue:
+                raise Overloaded(f"queue is full ({len(self._q)} waiting); retry later",
+                                 code="queue_full", headers={"Retry-After": "1"})
+            self._q.extend(jobs)
+            self._cond.notify()
+
+    def next_batch(self, timeout: float = 0.5) -> list[Job]:
+        """Up to max_batch_size jobs within the token budget (at least one); [] on timeout or close."""
+        with self._cond:
+            if not self._q:
+                self._cond.wait(timeout)
+            batch, tokens = [], 0
+            while self._q and len(batch) < self.max_batch_size:
+                job = self._q[0]
+                if batch and tokens + job.cost > self.max_batch_tokens:
+                    break
+                batch.append(self._q.popleft())
+                tokens += job.cost
+            return batch
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed

@@ -1,0 +1,100 @@
+"""Request and response models: the public HTTP contract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InferParameters(_Strict):
+    max_new_tokens: int | None = Field(None, ge=1, description="New tokens at most (default: the task's).")
+    temperature: float | None = Field(None, ge=0.0, le=10.0, description="0 means greedy.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=100000, description="0 means no top-k filtering.")
+    stop: list[str] | None = Field(None, max_length=16, description="Stop strings (not included in the text).")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling; same seed, same text.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        if v is not None and any(not s or len(s) > 256 for s in v):
+            raise ValueError("stop strings must be 1 to 256 characters")
+        return v
+
+
+class InferRequest(_Strict):
+    inputs: str | list[str] = Field(description="One text, or a list of texts (max 64).")
+    parameters: InferParameters = Field(default_factory=InferParameters)
+    stream: bool = Field(False, description="Answer with server-sent events, one per new piece of text.")
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, v):
+        if isinstance(v, list) and not 1 <= len(v) <= 64:
+            raise ValueError("inputs must hold 1 to 64 texts")
+        return v
+
+
+class Output(BaseModel):
+    text: str
+    finish_reason: str = Field(description="'stop' (EOS or a stop string), 'length', or 'label'.")
+    label: str | None = None
+    scores: dict[str, float] | None = Field(None, description="Label probabilities (classification tasks).")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class InferResponse(BaseModel):
+    task: str
+    version: int
+    outputs: list[Output]
+    usage: Usage
+    timings_ms: dict[str, float]
+
+
+class TaskOut(BaseModel):
+    name: str
+    version: int
+    kind: str
+    status: str = Field(description="'ready' or 'unavailable' (a corrupt artifact on disk).")
+    size_bytes: int
+    sha256: str
+    manifest: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskOut]
+
+
+class Uploaded(BaseModel):
+    name: str
+    version: int
+    kind: str
+    sha256: str
+    size_bytes: int
+
+
+class BackboneOut(BaseModel):
+    name: str
+    model_type: str
+    device: str
+    dtype: str
+    parameters: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    fingerprint: str

@@ -1,0 +1,156 @@
+"""The HTTP contract, in-process on the tiny backbone (statuses, error bodies, store safety)."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+from fastapi.testclient import TestClient
+
+from modules.base import kind_class
+from service.app import create_app
+from service.config import Settings
+from tests.conftest import tiny_backbone
+
+LABELS = {"neg": " bad", "pos": " good"}
+
+
+@pytest.fixture()
+def app_client(tmp_path, tiny):
+    settings = Settings(store_dir=tmp_path / "store", examples=False, admin_key="sekret", max_input_tokens=64,
+                        max_new_tokens=32, max_upload_bytes=200_000, _env_file=None)
+    with TestClient(create_app(settings, backbone=tiny, wait_ready=True)) as client:
+        yield client
+
+
+ADMIN = {"Authorization": "Bearer sekret"}
+
+
+def _artifact(tiny, labels=None, p=3):
+    m = kind_class("prompt").new(tiny, {"num_virtual_tokens": p}, template="Q: {input}\nA:", labels=labels)
+    return m.to_artifact()
+
+
+def _snapshot(root):
+    return sorted((str(p.relative_to(root)), p.read_bytes()) for p in root.rglob("*") if p.is_file())
+
+
+def test_health_ready_backbone(app_client, tiny):
+    assert app_client.get("/healthz").json() == {"status": "ok"}
+    assert app_client.get("/readyz").status_code == 200
+    bb = app_client.get("/backbone").json()
+    assert bb["fingerprint"] == tiny.info.fingerprint and bb["hidden_size"] == 64 and bb["device"] == "cpu"
+
+
+def test_upload_list_get_infer_replace_delete(app_client, tiny):
+    r = app_client.put("/tasks/cls", content=_artifact(tiny, LABELS), headers=ADMIN)
+    assert r.status_code == 201, r.text
+    up = r.json()
+    assert up["version"] == 1 and up["kind"] == "prompt" and len(up["sha256"]) == 64
+    assert [t["name"] for t in app_client.get("/tasks").json()["tasks"]] == ["cls"]
+    got = app_client.get("/tasks/cls").json()
+    assert got["manifest"]["labels"] == LABELS and got["status"] == "ready"
+
+    out = app_client.post("/tasks/cls/infer", json={"inputs": ["hello", "a longer input text"]}).json()
+    assert out["task"] == "cls" and out["version"] == 1 and len(out["outputs"]) == 2
+    for o in out["outputs"]:
+        assert o["label"] in LABELS and o["finish_reason"] == "label"
+        assert sum(o["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert o["label"] == max(o["scores"], key=o["scores"].get)
+
+    r = app_client.put("/tasks/cls", files={"file": ("m.zip", _artifact(tiny), "application/zip")}, headers=ADMIN)
+    assert r.status_code == 201 and r.json()["version"] == 2
+    gen = app_client.post("/tasks/cls/infer", json={"inputs": "hi", "parameters": {"max_new_tokens": 5}}).json()
+    assert gen["version"] == 2 and "label" not in gen["outputs"][0]
+    assert gen["usage"]["completion_tokens"] <= 5 and set(gen["timings_ms"]) == {"queue", "inference", "total"}
+
+    assert app_client.delete("/tasks/cls", headers=ADMIN).status_code == 204
+    assert app_client.get("/tasks/cls").status_code == 404
+    assert app_client.post("/tasks/cls/infer", json={"inputs": "x"}).status_code == 404
+
+
+def test_base_task_answers_and_is_reserved(app_client):
+    out = app_client.post("/tasks/base/infer", json={"inputs": "hi", "parameters": {"max_new_tokens": 4}})
+    assert out.status_code == 200 and out.json()["version"] == 0
+    assert app_client.put("/tasks/base", content=b"x", headers=ADMIN).status_code == 409
+    assert app_client.delete("/tasks/base", headers=ADMIN).status_code == 409
+
+
+def _bad_zip():
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("../evil", b"x")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name,body,status,code", [
+    ("t", b"not an archive", 422, "invalid_artifact"),
+    ("t", "bad_zip", 422, "invalid_artifact"),
+    ("t", "other_backbone", 409, "backbone_mismatch"),
+    ("Bad/Name", "good", 404, None),  # a slash is another route
+    ("UPPER", "good", 422, "invalid_name"),
+    ("t", b"x" * 300_000, 413, "artifact_too_large"),
+    ("t", b"", 422, "invalid_request"),
+])
+def test_refused_uploads_leave_the_store_unchanged(app_client, tiny, tmp_path, name, body, status, code):
+    assert app_client.put("/tasks/keep", content=_artifact(tiny), headers=ADMIN).status_code == 201
+    before = _snapshot(tmp_path / "store")
+    body = {"bad_zip": _bad_zip(), "good": _artifact(tiny),
+            "other_backbone": _artifact(tiny_backbone(seed=3))}.get(body, body)
+    r = app_client.put(f"/tasks/{name}", content=body, headers=ADMIN)
+    assert r.status_code == status, r.text
+    if code:
+        assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+    assert _snapshot(tmp_path / "store") == before
+    assert [t["name"] for t in app_client.get("/tasks").json()["tasks"]] == ["keep"]
+
+
+def test_admin_key_is_required_for_writes(app_client, tiny):
+    art = _artifact(tiny)
+    assert app_client.put("/tasks/t", content=art).status_code == 401
+    assert app_client.put("/tasks/t", content=art, headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert app_client.delete("/tasks/t").status_code == 401
+    assert app_client.get("/tasks").status_code == 200  # reads stay open
+
+
+@pytest.mark.parametrize("body,status", [
+    ({"inputz": "x"}, 422),
+    ({"inputs": 5}, 422),
+    ({"inputs": []}, 422),
+    ({"inputs": "x", "parameters": {"temperature": -1}}, 422),
+    ({"inputs": "x", "parameters": {"max_new_tokens": 33}}, 422),
+    ({"inputs": "x", "parameters": {"unknown": 1}}, 422),
+    ({"inputs": "word " * 200}, 413),
+    ({"inputs": ["a", "b"], "stream": True}, 422),
+])
+def test_bad_inference_requests(app_client, body, status):
+    r = app_client.post("/tasks/base/infer", json=body)
+    assert r.status_code == status, r.text
+    assert set(r.json()["error"]) == {"code", "message"}
+
+
+def test_malformed_json_and_unknown_routes(app_client):
+    r = app_client.post("/tasks/base/infer", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+    assert app_client.get("/nope").json()["error"]["code"] == "not_found"
+    assert app_client.post("/tasks/nope/infer", json={"inputs": "x"}).json()["error"]["code"] == "task_not_found"
+
+
+def test_stream_returns_the_same_text_as_a_plain_call(app_client):
+    body = {"inputs": "tell me", "parameters": {"max_new_tokens": 12}}
+    plain = app_client.post("/tasks/base/infer", json=body).json()["outputs"][0]["text"]
+    with app_client.stream("POST", "/tasks/base/infer", json={**body, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data:")]
+    import json as _json
+
+    pieces = [_json.loads(line[5:])["text"] for line in lines[:-1]]
+    done = _json.loads(lines[-1][5:])
+    assert "".join(pieces) == plain == done["outputs"][0]["text"]
+
+
+def test_metrics_count_requests(app_client):
+    app_client.post("/tasks/base/infer", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}})
+    text = app_client.get("/metrics").text
+    assert 'frozenlm_requests_total{kind="base",outcome="ok",task="base"}' in text
+    assert "frozenlm_batch_rows_count" in text

@@ -1,0 +1,121 @@
+"""Every batched path against an unbatched reference, on a tiny random model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modules.base import NoModule, kind_class
+from modules.batch import Contribution, Row, build_pass
+from modules.decode import GenItem, Sampling, ScoreItem, generate, score
+
+TEXTS = ["a", "hello there, how are you doing today?", "xyz xyz", "the quick brown fox jumps", "0123456789" * 3]
+
+
+def _modules(tiny):
+    prompt = kind_class("prompt")
+    mods = [NoModule(tiny)]
+    for i, p in enumerate([1, 4, 9]):
+        m = prompt.new(tiny, {"num_virtual_tokens": p, "seed": i}, template="Q: {input}\nA:")
+        with torch.no_grad():  # random vectors, not vocabulary rows: prompts that change outputs a lot
+            m.embeddings.normal_(0, 1.0, generator=torch.Generator().manual_seed(i))
+        mods.append(m)
+    return mods
+
+
+def _items(mods, n_new=12):
+    items = []
+    for i, text in enumerate(TEXTS * 2):
+        m = mods[i % len(mods)]
+        ids = m.encode(text)
+        items.append(GenItem(ids, m.contribution(ids), Sampling(max_new_tokens=n_new - (i % 3) * 3)))
+    return items
+
+
+def test_mixed_batch_greedy_equals_each_row_alone(tiny):
+    items = _items(_modules(tiny))
+    together = generate(tiny, items)
+    alone = [generate(tiny, [it])[0] for it in items]
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert len({tuple(g.token_ids) for g in together}) > 3  # the rows really differ
+    assert all(g.finish_reason in ("stop", "length") for g in together)
+
+
+def test_base_rows_in_a_mixed_batch_equal_plain_hf_generate(tiny):
+    mods = _modules(tiny)
+    items = _items(mods)
+    together = generate(tiny, items)
+    for it, g in zip(items, together):
+        if it.contribution.prepend is not None:
+            continue
+        ref = tiny.model.generate(torch.tensor([it.ids]), attention_mask=torch.ones(1, len(it.ids), dtype=torch.long),
+                                  max_new_tokens=it.sampling.max_new_tokens, do_sample=False,
+                                  eos_token_id=sorted(tiny.eos_token_ids), pad_token_id=tiny.tokenizer.pad_token_id)
+        ref_new = ref[0, len(it.ids):].tolist()
+        ref_new = [t for t in ref_new if t not in tiny.eos_token_ids and t != tiny.tokenizer.pad_token_id]
+        assert g.token_ids == ref_new
+
+
+def test_soft_prompt_equals_explicit_embedding_concat(tiny):
+    """Reference for the prompt kind: a plain forward of [prompt vectors; token embeddings]."""
+    m = _modules(tiny)[2]
+    ids = m.encode("hello")
+    p = build_pass(tiny, [Row(ids, m.contribution(ids)), Row(m.encode("a much longer input than the other"))])
+    hidden = tiny.forward(p.embeds, p.mask, p.positions)[0, -1]
+    embeds = torch.cat([m.embeddings, tiny.embed(torch.tensor(ids))])[None]
+    ref = tiny.model(inputs_embeds=embeds).logits[0, -1]
+    torch.testing.assert_close(tiny.logits(hidden), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_scores_batched_equal_alone_and_multi_token_path(tiny):
+    mods = _modules(tiny)
+    single = [[tiny.tokenizer(" y", add_special_tokens=False)["input_ids"][0]],
+              [tiny.tokenizer(" n", add_special_tokens=False)["input_ids"][0]]]
+    multi = [tiny.tokenizer(" yes", add_special_tokens=False)["input_ids"],
+             tiny.tokenizer(" no", add_special_tokens=False)["input_ids"]]
+    with torch.inference_mode():
+        for conts in (single, multi):
+            items = [ScoreItem(m.encode(t), m.contribution(m.encode(t)), conts) for m, t in zip(mods * 2, TEXTS)]
+            together = score(tiny, items)
+            for it, ll in zip(items, together):
+                torch.testing.assert_close(ll, score(tiny, [it])[0], atol=1e-4, rtol=1e-4)
+        # one-token continuations: the fast path equals the general path
+        it = items[1]
+        fast = score(tiny, [ScoreItem(it.ids, it.contribution, single)])[0]
+        general = score(tiny, [ScoreItem(it.ids, it.contribution, [single[0], single[1], multi[0]])])[0][:2]
+        torch.testing.assert_close(fast, general, atol=1e-4, rtol=1e-4)
+
+
+def test_stop_strings_and_max_tokens(tiny):
+    m = NoModule(tiny)
+    ids = m.encode("hello")
+    free = generate(tiny, [GenItem(ids, Contribution(), Sampling(max_new_tokens=20))])[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 20
+    stop = free.text[5:7]
+    cut = generate(tiny, [GenItem(ids, Contribution(), Sampling(max_new_tokens=20, stop=[stop]))])[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[:free.text.find(stop)]
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(0.9, 1.0, 0), (1.3, 0.8, 0), (0.7, 1.0, 5)])
+def test_sampling_is_seeded_per_row(tiny, temperature, top_p, top_k):
+    m = NoModule(tiny)
+    ids = m.encode("hello")
+
+    def run(seed, batch_with_other=False):
+        s = Sampling(max_new_tokens=16, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        items = [GenItem(ids, Contribution(), s)]
+        if batch_with_other:
+            items.append(GenItem(m.encode("other row"), Contribution(), Sampling(max_new_tokens=5, temperature=1.0)))
+        return generate(tiny, items)[0].token_ids
+
+    assert run(1) == run(1) == run(1, batch_with_other=True)
+    assert len({tuple(run(s)) for s in range(6)}) > 1
+
+
+def test_streamed_pieces_add_up_to_the_text(tiny):
+    m = NoModule(tiny)
+    pieces: list[str] = []
+    ids = m.encode("stream me")
+    g = generate(tiny, [GenItem(ids, Contribution(), Sampling(max_new_tokens=15, stop=["zz"]), pieces.append)])[0]
+    assert "".join(pieces) == g.text

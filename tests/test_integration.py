@@ -1,0 +1,168 @@
+"""End to end on the embedded SmolLM2 backbone: a real uvicorn server on a free loopback port,
+the real client over HTTP, the shipped example task, and real SST-2 rows."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from clients import Client, Conflict, InvalidRequest, NotFound, Unauthorized
+from service.testing import running_server
+
+pytestmark = pytest.mark.integration
+
+SST2_DEV = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "sst2" / "stsa.binary.dev"
+SST2_TEMPLATE = "Review: {input}\nSentiment:"
+SST2_LABELS = {"negative": " negative", "positive": " positive"}
+ADMIN = "integration-admin"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    env = {"FROZENLM_STORE_DIR": str(store), "FROZENLM_ADMIN_KEY": ADMIN, "FROZENLM_MAX_INPUT_TOKENS": "512",
+           "FROZENLM_EXAMPLES": "true"}
+    with running_server(env) as url:
+        yield url, store
+
+
+@pytest.fixture(scope="module")
+def admin(server):
+    with Client(server[0], api_key=ADMIN, timeout=300) as c:
+        yield c
+
+
+def _sst2_rows(n: int) -> list[tuple[str, str]]:
+    rows = []
+    for line in SST2_DEV.read_text().splitlines()[:n]:
+        y, x = line.split(" ", 1)
+        rows.append((x, "positive" if y == "1" else "negative"))
+    return rows
+
+
+def test_ready_and_base_answers_real_text(admin, real_backbone):
+    assert admin.backbone()["fingerprint"] == real_backbone.info.fingerprint
+    out = admin.infer("base", "What is the capital of France?")
+    assert "Paris" in out.outputs[0].text
+    assert out.outputs[0].finish_reason == "stop" and out.usage["completion_tokens"] > 2
+
+
+def test_the_example_task_is_installed_and_classifies(admin):
+    tasks = {t.name: t for t in admin.list_tasks()}
+    assert "sst2" in tasks and tasks["sst2"].kind == "prompt" and tasks["sst2"].status == "ready"
+    assert tasks["sst2"].metrics["eval_accuracy"] > 0.8
+    out = admin.infer("sst2", ["a gorgeous , witty , deeply moving film .",
+                               "a dull , lifeless and tedious mess ."]).outputs
+    assert [o.label for o in out] == ["positive", "negative"]
+    assert all(abs(sum(o.scores.values()) - 1) < 1e-4 for o in out)
+
+
+def test_trained_example_beats_zero_shot_on_sst2_dev_over_http(admin, real_backbone):
+    from modules.base import kind_class
+
+    zero_shot = kind_class("template").new(real_backbone, template=SST2_TEMPLATE, labels=SST2_LABELS)
+    admin.upload("sst2-zero-shot", zero_shot.to_artifact())
+    rows = _sst2_rows(200)
+    acc = {}
+    for task in ("sst2", "sst2-zero-shot"):
+        labels = []
+        for i in range(0, len(rows), 50):
+            labels += [o.label for o in admin.infer(task, [x for x, _ in rows[i:i + 50]]).outputs]
+        acc[task] = sum(p == y for p, (_, y) in zip(labels, rows)) / len(rows)
+    print("SST-2 dev[:200] accuracy over HTTP:", acc)
+    assert acc["sst2"] >= acc["sst2-zero-shot"] + 0.03
+
+
+def _random_prompt(backbone, p: int, seed: int) -> bytes:
+    from modules.base import kind_class
+
+    m = kind_class("prompt").new(backbone, {"num_virtual_tokens": p, "seed": seed}, template="{input}")
+    return m.to_artifact()
+
+
+PROMPTS = ["Write one word:", "List three colors, please, and explain why you like them.", "Hello!",
+           "Translate to French: good morning", "What is 2+2?", "Name a large animal that lives in the sea."]
+
+
+def test_mixed_task_batch_equals_each_request_alone_in_the_engine(real_backbone):
+    """Four prompt modules and base rows of different lengths in one batch, against each row alone."""
+    from modules.artifact import read_artifact
+    from modules.base import NoModule, load_module
+    from modules.decode import GenItem, Sampling, generate
+
+    mods = [NoModule(real_backbone)] + [load_module(read_artifact(_random_prompt(real_backbone, p, p)), real_backbone)
+                                       for p in (1, 4, 8, 20)]
+    items = []
+    for i, text in enumerate(PROMPTS * 2):
+        m = mods[i % len(mods)]
+        ids = m.encode(text)
+        items.append(GenItem(ids, m.contribution(ids), Sampling(max_new_tokens=10)))
+    together = generate(real_backbone, items)
+    alone = [generate(real_backbone, [it])[0] for it in items]
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert len({g.text for g in together}) >= 8
+
+
+def test_concurrent_requests_of_many_tasks_match_sequential_answers(server, admin, real_backbone):
+    names = []
+    for p in (2, 5, 11, 16):
+        name = f"mix-{p}"
+        admin.upload(name, _random_prompt(real_backbone, p, seed=p))
+        names.append(name)
+    names.append("base")
+    jobs = [(names[i % len(names)], text) for i, text in enumerate(PROMPTS * 2)]
+    params = {"max_new_tokens": 8, "temperature": 0}
+    alone = [admin.infer(n, t, **params).outputs[0].text for n, t in jobs]
+
+    def call(job):
+        with Client(server[0], timeout=300) as c:
+            return c.infer(job[0], job[1], **params).outputs[0].text
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(call, jobs))
+    assert together == alone
+    with Client(server[0]) as c:
+        batches = c._http.get("/metrics").text
+    rows = [line for line in batches.splitlines() if line.startswith("frozenlm_batch_rows_bucket")]
+    single = next(float(line.split()[-1]) for line in rows if 'le="1.0"' in line)
+    total = next(float(line.split()[-1]) for line in rows if 'le="+Inf"' in line)
+    assert total > single  # some batches really held several rows
+
+
+def test_upload_replace_delete_through_the_client(admin, real_backbone, server):
+    art = _random_prompt(real_backbone, 3, seed=1)
+    up = admin.upload("life-cycle", art)
+    assert up.version == 1 and up.kind == "prompt"
+    assert admin.upload("life-cycle", _random_prompt(real_backbone, 6, seed=2)).version == 2
+    assert admin.get_task("life-cycle").raw["manifest"]["config"]["num_virtual_tokens"] == 6
+    admin.delete("life-cycle")
+    with pytest.raises(NotFound):
+        admin.infer("life-cycle", "x")
+    with Client(server[0]) as anonymous, pytest.raises(Unauthorized):
+        anonymous.upload("life-cycle", art)
+
+
+def test_bad_input_answers_clearly_and_leaves_the_store_alone(admin, server):
+    store = server[1]
+    before = sorted((p.name, p.stat().st_size) for p in store.rglob("*") if p.is_file())
+    with pytest.raises(NotFound) as e:
+        admin.infer("no-such-task", "x")
+    assert e.value.status == 404 and e.value.code == "task_not_found"
+    with pytest.raises(InvalidRequest) as e:
+        admin.infer("base", "x", max_new_tokens=0)
+    assert e.value.status == 422
+    with pytest.raises(InvalidRequest) as e:
+        admin.infer("base", "word " * 600)
+    assert e.value.status == 413 and e.value.code == "input_too_long"
+    with pytest.raises(InvalidRequest) as e:
+        admin.upload("broken", b"PK\x03\x04 this is not really a zip")
+    assert e.value.status == 422
+    with pytest.raises(Conflict):
+        admin.upload("base", b"anything")
+    after = sorted((p.name, p.stat().st_size) for p in store.rglob("*") if p.is_file())
+    assert after == before
+    raw = admin._http.post("/tasks/base/infer", content=b"{oops", headers={"Content-Type": "application/json"})
+    assert raw.status_code == 422 and json.loads(raw.text)["error"]["code"] == "invalid_request"

@@ -1,0 +1,56 @@
+"""ModuleStore: versions, atomic replace and delete, clean-up after an interrupted write."""
+
+from __future__ import annotations
+
+import json
+
+from service.store import ModuleStore, valid_name
+
+
+def test_versions_increase_and_only_the_current_file_stays(tmp_path):
+    store = ModuleStore(tmp_path)
+    a = store.put("sst2", b"one", "prompt")
+    b = store.put("sst2", b"two", "prompt")
+    assert (a.version, b.version) == (1, 2)
+    assert store.read(store.get("sst2")) == b"two"
+    assert sorted(p.name for p in (tmp_path / "sst2").iterdir()) == ["current.json", "v2.module"]
+    assert store.get("sst2").sha256 == b.sha256 != a.sha256
+    assert store.names() == ["sst2"]
+
+
+def test_delete_removes_everything_and_names_can_be_reused(tmp_path):
+    store = ModuleStore(tmp_path)
+    store.put("t", b"x", "prompt")
+    assert store.delete("t") and not store.delete("t")
+    assert store.get("t") is None and store.names() == [] and list(tmp_path.iterdir()) == []
+    assert store.put("t", b"y", "prompt").version == 1
+
+
+def test_an_interrupted_put_leaves_the_old_version_serving(tmp_path):
+    store = ModuleStore(tmp_path)
+    store.put("t", b"old", "prompt")
+    folder = tmp_path / "t"
+    # what a crash leaves at each point of a put: a temp file, and a complete but never-current version
+    (folder / ".v2.module.abc.tmp").write_bytes(b"ne")
+    (folder / "v2.module").write_bytes(b"new")
+    (folder / ".current.json.def.tmp").write_text("{")
+    (tmp_path / ".trash-u-123").mkdir()
+    store = ModuleStore(tmp_path)  # restart
+    assert store.read(store.get("t")) == b"old" and store.get("t").version == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["current.json", "v1.module"]
+    assert not (tmp_path / ".trash-u-123").exists()
+    assert store.put("t", b"newer", "prompt").version == 2
+
+
+def test_current_json_records_what_serves(tmp_path):
+    store = ModuleStore(tmp_path)
+    s = store.put("t", b"abc", "prompt")
+    meta = json.loads((tmp_path / "t" / "current.json").read_text())
+    assert meta == {"version": 1, "kind": "prompt", "sha256": s.sha256, "size_bytes": 3}
+
+
+def test_names():
+    for ok in ["a", "sst2", "my-task_1.v2", "0" * 64]:
+        assert valid_name(ok), ok
+    for bad in ["", "A", "-x", ".x", "a/b", "..", "a b", "0" * 65, "é"]:
+        assert not valid_name(bad), bad
