@@ -96,6 +96,9 @@ def _gguf_to_folder(gguf: Path, cache_dir: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "frozenlm_source.json").write_text(json.dumps({"gguf": str(gguf), "size": st.st_size}))
+        for f in tmp.iterdir():  # readable by other users (mkdtemp and safetensors create 0700/0600)
+            f.chmod(0o644)
+        tmp.chmod(0o755)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -166,6 +169,26 @@ class Backbone:
             vocab_size=cfg.vocab_size,
             fingerprint=fingerprint(self.model),
         )
+        self._groups: list = []  # per-row linear deltas of the pass running now (see modules.batch)
+        self.linear_keys = self._hook_linears()
+
+    def _hook_linears(self) -> dict[str, tuple[int, int]]:
+        """Hook every linear layer of the decoder so per-row deltas (LoRA...) can join a pass.
+
+        Returns {key: (in_features, out_features)}; keys are module paths below the base model,
+        e.g. "layers.0.self_attn.q_proj". With no deltas in the pass a hook returns at once."""
+        from modules.batch import apply_deltas
+
+        keys = {}
+        for name, mod in self.model.base_model.named_modules():
+            if isinstance(mod, nn.Linear) and name.startswith("layers."):
+                keys[name] = (mod.in_features, mod.out_features)
+
+                def hook(_mod, args, out, key=name):
+                    return apply_deltas(self._groups, key, args[0], out) if self._groups else None
+
+                mod.register_forward_hook(hook)
+        return keys
 
     @classmethod
     def load(cls, source: str | None = None, device: str = "auto", dtype: str = "auto",
@@ -213,13 +236,20 @@ class Backbone:
         return self.model.get_input_embeddings()(ids.to(self.device))
 
     def forward(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                cache=None) -> torch.Tensor:
+                cache=None, deltas: list | None = None) -> torch.Tensor:
         """Hidden states of the last layer (after the final norm). (B, T, H) -> (B, T, H)
 
-        `mask` (B, S) covers the cached and the new positions; `positions` (B, T) are the new
-        tokens' position ids (left padding makes them differ per row)."""
-        out = self.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                    past_key_values=cache, use_cache=cache is not None)
+        `mask` (B, S+T) covers the cached and the new positions; `positions` (B, T) are the new
+        tokens' position ids (left padding makes them differ per row); `deltas` holds each row's
+        linear delta or None."""
+        from modules.batch import group_rows
+
+        self._groups = group_rows(deltas, self.device) if deltas and any(d is not None for d in deltas) else []
+        try:
+            out = self.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                        past_key_values=cache, use_cache=cache is not None)
+        finally:
+            self._groups = []
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

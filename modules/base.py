@@ -35,6 +35,9 @@ WEIGHTS_FILE = "weights.safetensors"
 KINDS: dict[str, str] = {
     "prompt": "modules.prompt:PromptModule",
     "template": "modules.template:TemplateModule",
+    "lora": "modules.lora:LoRAModule",
+    "prefix": "modules.prefix:PrefixModule",
+    "compose": "modules.compose:ComposeModule",
 }
 
 
@@ -158,7 +161,7 @@ class TaskModule(nn.Module):
         except ValidationError as e:
             raise ArtifactError(f"invalid {cls.kind} config: {e}") from e
         module = cls(manifest, cfg, backbone)
-        expected = {f"{cls.kind}.{k}": v for k, v in module.state_dict().items()}
+        expected = module.tensors()
         if set(tensors) != set(expected):
             raise ArtifactError(
                 f"weights do not match the {cls.kind} config: expected tensors {sorted(expected)}, "
@@ -171,7 +174,7 @@ class TaskModule(nn.Module):
                 raise ArtifactError(f"tensor {key} has dtype {got.dtype}, expected a floating dtype")
             if not torch.isfinite(got).all():
                 raise ArtifactError(f"tensor {key} contains NaN or Inf")
-        module.load_state_dict({k.removeprefix(f"{cls.kind}."): v for k, v in tensors.items()})
+        module.load_tensors(tensors)
         module.requires_grad_(False)
         return module.to(device=backbone.device, dtype=backbone.dtype).eval()
 
@@ -203,13 +206,22 @@ class TaskModule(nn.Module):
     # --- serialisation -----------------------------------------------------------------------
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the artifact, keyed `<kind>.<parameter name>`."""
         return {f"{self.kind}.{k}": v.detach().to("cpu", torch.float32).contiguous()
                 for k, v in self.state_dict().items()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The inverse of `tensors()` (shapes already checked)."""
+        self.load_state_dict({k.removeprefix(f"{self.kind}."): v for k, v in tensors.items()})
+
+    def artifact_config(self) -> dict:
+        """The config stored in the artifact (a kind may fold training-only parts away)."""
+        return self.config.model_dump()
 
     def to_artifact(self, **manifest_updates) -> bytes:
         from safetensors.torch import save
 
-        manifest = self.manifest.model_copy(update=manifest_updates)
+        manifest = self.manifest.model_copy(update={"config": self.artifact_config(), **manifest_updates})
         return pack({MANIFEST_FILE: manifest.model_dump_json(indent=2).encode(),
                      WEIGHTS_FILE: save(self.tensors())})
 
@@ -249,7 +261,12 @@ def load_module(files: dict[str, bytes], backbone: Backbone) -> TaskModule:
     from safetensors.torch import load
 
     if MANIFEST_FILE not in files:
-        raise ArtifactError(f"artifact has no {MANIFEST_FILE} (files: {sorted(files)[:10]})")
+        from modules.peft_import import is_peft, load_peft
+
+        if is_peft(files):
+            return load_peft(files, backbone)
+        raise ArtifactError(f"artifact has no {MANIFEST_FILE} (nor a PEFT adapter_config.json); "
+                            f"files: {sorted(files)[:10]}")
     manifest = parse_manifest(files[MANIFEST_FILE])
     cls = kind_class(manifest.kind)
     if WEIGHTS_FILE not in files:

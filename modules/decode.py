@@ -30,7 +30,7 @@ def score(backbone, items: list[ScoreItem]) -> list[torch.Tensor]:
     distribution); otherwise each (row, continuation) pair becomes its own row."""
     if all(len(c) == 1 for it in items for c in it.continuations):
         p = build_pass(backbone, [Row(it.ids, it.contribution) for it in items])
-        hidden = backbone.forward(p.embeds, p.mask, p.positions)[:, -1]              # (N, H)
+        hidden = backbone.forward(p.embeds, p.mask, p.positions, p.cache, p.deltas)[:, -1]  # (N, H)
         logp = torch.log_softmax(backbone.logits(hidden), dim=-1)                    # (N, V)
         return [logp[n, [c[0] for c in it.continuations]] for n, it in enumerate(items)]
 
@@ -40,7 +40,7 @@ def score(backbone, items: list[ScoreItem]) -> list[torch.Tensor]:
             rows.append(Row(it.ids + cont, it.contribution))
             targets.append(cont)
     p = build_pass(backbone, rows)
-    hidden = backbone.forward(p.embeds, p.mask, p.positions)                         # (R, L, H)
+    hidden = backbone.forward(p.embeds, p.mask, p.positions, p.cache, p.deltas)      # (R, L, H)
     C = max(len(t) for t in targets)
     # Logits at position j predict token j+1: the last C+1 positions cover every continuation.
     logp = torch.log_softmax(backbone.logits(hidden[:, -C - 1:-1]), dim=-1)          # (R, C, V)
@@ -144,10 +144,11 @@ def generate(backbone, items: list[GenItem]) -> list[Generated]:
     """Generate for every item in one KV-cached batch; each row as if it ran alone."""
     states = [_RowState(it, backbone.tokenizer, backbone.eos_token_ids) for it in items]
     p = build_pass(backbone, [Row(it.ids, it.contribution) for it in items])
-    cache = backbone.new_cache()
-    hidden = backbone.forward(p.embeds, p.mask, p.positions, cache)                 # (B, L, H)
+    cache = p.cache if p.cache is not None else backbone.new_cache()
+    deltas = p.deltas
+    hidden = backbone.forward(p.embeds, p.mask, p.positions, cache, deltas)         # (B, L, H)
     logits = backbone.logits(hidden[:, -1])                                          # (B, V)
-    mask, pos = p.mask, p.positions[:, -1:] + 1                                      # (B, L), (B, 1)
+    mask, pos = p.mask, p.positions[:, -1:] + 1                                      # (B, S+L), (B, 1)
     active = list(range(len(items)))
     while True:
         for j, i in enumerate(active):
@@ -159,10 +160,11 @@ def generate(backbone, items: list[GenItem]) -> list[Generated]:
             idx = torch.tensor(keep, device=mask.device)
             cache.batch_select_indices(idx)
             mask, pos = mask[idx], pos[idx]
+            deltas = [deltas[j] for j in keep]
             active = [active[j] for j in keep]
         last = torch.tensor([[states[i].ids[-1]] for i in active], device=mask.device)  # (b, 1)
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)                  # (b, S+1)
-        hidden = backbone.forward(backbone.embed(last), mask, pos, cache)               # (b, 1, H)
+        hidden = backbone.forward(backbone.embed(last), mask, pos, cache, deltas)       # (b, 1, H)
         logits = backbone.logits(hidden[:, -1])                                         # (b, V)
         pos = pos + 1
     return [Generated(s.ids, s.text, s.finish) for s in states]

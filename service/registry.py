@@ -100,12 +100,15 @@ class Registry:
 
     # --- writing -----------------------------------------------------------------------------
 
-    def validate(self, data: bytes) -> TaskModule:
-        """Load an uploaded artifact without storing it; raises a ServiceError if it is invalid."""
+    def validate(self, data: bytes) -> tuple[TaskModule, bytes]:
+        """Load an uploaded artifact without storing it: the module and the bytes to store (a PEFT
+        adapter is stored as the native module it converts to). Raises a ServiceError if invalid."""
         try:
-            return load_module(read_artifact(data, max_bytes=self.max_artifact_bytes), self.backbone)
+            files = read_artifact(data, max_bytes=self.max_artifact_bytes)
+            module = load_module(files, self.backbone)
         except ArtifactError as e:
             raise from_artifact_error(e) from e
+        return module, (data if MANIFEST_FILE in files else module.to_artifact())
 
     def put(self, name: str, data: bytes) -> StoredModule:
         """Validate fully, then store atomically; a refused artifact leaves the store unchanged."""
@@ -114,7 +117,7 @@ class Registry:
         if not valid_name(name):
             raise Invalid(f"invalid task name {name!r}: must match ^[a-z0-9][a-z0-9._-]{{0,63}}$",
                           code="invalid_name")
-        module = self.validate(data)
+        module, data = self.validate(data)
         stored = self.store.put(name, data, module.kind)
         with self._lock:
             self._insert((name, stored.version), module)

@@ -63,3 +63,26 @@ def real_backbone():
     from modules.backbone import Backbone
 
     return Backbone.load(device="cpu", dtype="float32")
+
+
+INTEGRATION_ADMIN_KEY = "integration-admin"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """A real `frozenlm serve` on a free loopback port, embedded backbone, example tasks installed."""
+    from service.testing import running_server
+
+    store = tmp_path_factory.mktemp("store")
+    env = {"FROZENLM_STORE_DIR": str(store), "FROZENLM_ADMIN_KEY": INTEGRATION_ADMIN_KEY,
+           "FROZENLM_MAX_INPUT_TOKENS": "512", "FROZENLM_EXAMPLES": "true"}
+    with running_server(env) as url:
+        yield url, store
+
+
+@pytest.fixture(scope="session")
+def admin(server):
+    from clients import Client
+
+    with Client(server[0], api_key=INTEGRATION_ADMIN_KEY, timeout=300) as c:
+        yield c

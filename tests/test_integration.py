@@ -10,29 +10,12 @@ from pathlib import Path
 import pytest
 
 from clients import Client, Conflict, InvalidRequest, NotFound, Unauthorized
-from service.testing import running_server
 
 pytestmark = pytest.mark.integration
 
 SST2_DEV = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "sst2" / "stsa.binary.dev"
 SST2_TEMPLATE = "Review: {input}\nSentiment:"
 SST2_LABELS = {"negative": " negative", "positive": " positive"}
-ADMIN = "integration-admin"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    store = tmp_path_factory.mktemp("store")
-    env = {"FROZENLM_STORE_DIR": str(store), "FROZENLM_ADMIN_KEY": ADMIN, "FROZENLM_MAX_INPUT_TOKENS": "512",
-           "FROZENLM_EXAMPLES": "true"}
-    with running_server(env) as url:
-        yield url, store
-
-
-@pytest.fixture(scope="module")
-def admin(server):
-    with Client(server[0], api_key=ADMIN, timeout=300) as c:
-        yield c
 
 
 def _sst2_rows(n: int) -> list[tuple[str, str]]:

@@ -1,0 +1,113 @@
+"""Kind `lora`: low-rank deltas `y = W x + s * B(A x)` applied per row, never merged.
+
+`s` is `alpha / r` (or `alpha / sqrt(r)` with rsLoRA). The shared weights stay untouched: the
+backbone's linear layers call this module's delta only for the rows of a batch that use it, so
+rows of many LoRA modules (any ranks and targets) and rows with none share one pass.
+
+Example::
+
+    m = LoRAModule.new(backbone, {"targets": ["q_proj", "v_proj"], "r": 8, "alpha": 16})
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from modules.base import TaskModule
+from modules.batch import Contribution
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRAConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    targets: list[str] = Field(["q_proj", "v_proj"], min_length=1,
+                               description="Linear layers to adapt, by name (q_proj, k_proj, v_proj, o_proj, "
+                                           "gate_proj, up_proj, down_proj).")
+    r: int = Field(8, ge=1, le=256, description="Rank.")
+    alpha: float = Field(16.0, gt=0, description="Scale numerator: s = alpha / r (alpha / sqrt(r) with rslora).")
+    rslora: bool = False
+    layers: list[int] | None = Field(None, description="Decoder layers to adapt; None = all.")
+    rank_pattern: dict[str, int] = Field(default_factory=dict,
+                                         description="Per-layer rank overrides: regex over the layer key -> r.")
+    alpha_pattern: dict[str, float] = Field(default_factory=dict,
+                                            description="Per-layer alpha overrides: regex over the layer key -> alpha.")
+    seed: int = 0
+
+
+def _override(pattern: dict, key: str, default):
+    for pat, value in pattern.items():
+        if re.search(rf"(^|\.){pat}$", key) or re.fullmatch(pat, key):
+            return value
+    return default
+
+
+def _slot(key: str) -> str:
+    return key.replace(".", "__")  # parameter names may not contain dots
+
+
+class LoRAModule(TaskModule):
+    kind = "lora"
+    Config = LoRAConfig
+
+    def __init__(self, manifest, config: LoRAConfig, backbone):
+        super().__init__(manifest, config, backbone)
+        unknown = set(config.targets) - set(TARGETS)
+        if unknown:
+            raise ValueError(f"unknown LoRA targets {sorted(unknown)}; known: {', '.join(TARGETS)}")
+        layers = set(config.layers) if config.layers is not None else None
+        self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
+        self.scale: dict[str, float] = {}
+        for key, (fan_in, fan_out) in backbone.linear_keys.items():
+            if key.rsplit(".", 1)[-1] not in config.targets:
+                continue
+            if layers is not None and int(key.split(".")[1]) not in layers:
+                continue
+            r = _override(config.rank_pattern, key, config.r)
+            alpha = _override(config.alpha_pattern, key, config.alpha)
+            self.A[_slot(key)] = nn.Parameter(torch.zeros(r, fan_in))     # (r, in)
+            self.B[_slot(key)] = nn.Parameter(torch.zeros(fan_out, r))    # (out, r)
+            self.scale[key] = alpha / (math.sqrt(r) if config.rslora else r)
+        if not self.scale:
+            raise ValueError("the LoRA config selects no layer of this backbone")
+        self.delta = _Delta(self)
+
+    @torch.no_grad()
+    def initialize(self, backbone) -> None:
+        """A ~ Kaiming-uniform, B = 0 (as in the LoRA paper and PEFT): the module starts as a no-op."""
+        g = torch.Generator().manual_seed(self.config.seed)
+        for a in self.A.values():
+            bound = 1 / math.sqrt(a.shape[1])
+            a.copy_(torch.rand(a.shape, generator=g) * 2 * bound - bound)
+
+    def apply(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        slot = _slot(key)
+        a, b = self.A[slot].to(x.dtype), self.B[slot].to(x.dtype)
+        return y + (x @ a.T) @ b.T * self.scale[key]                   # (n, T, in) -> (n, T, r) -> (n, T, out)
+
+    def contribution(self, ids: list[int]) -> Contribution:
+        return Contribution(linear=self.delta)
+
+    def state_dict(self, *args, **kwargs):  # tensor keys: A.<layer key>, B.<layer key>
+        sd = super().state_dict(*args, **kwargs)
+        return {k.replace("__", "."): v for k, v in sd.items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return super().load_state_dict({k[:2] + _slot(k[2:]): v for k, v in state_dict.items()}, strict, assign)
+
+
+class _Delta:
+    """The module's LinearDelta: one object per module, so the engine groups rows by it."""
+
+    def __init__(self, module: LoRAModule):
+        self.module = module
+        self.keys = frozenset(module.scale)
+
+    def __call__(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.module.apply(key, x, y)

