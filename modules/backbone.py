@@ -169,7 +169,7 @@ class Backbone:
             vocab_size=cfg.vocab_size,
             fingerprint=fingerprint(self.model),
         )
-        self._groups: list = []  # per-row linear deltas of the pass running now (see modules.batch)
+        self._plan = None  # the per-row linear deltas of the pass running now (a modules.batch.DeltaPlan)
         self.linear_keys = self._hook_linears()
 
     def _hook_linears(self) -> dict[str, tuple[int, int]]:
@@ -177,15 +177,13 @@ class Backbone:
 
         Returns {key: (in_features, out_features)}; keys are module paths below the base model,
         e.g. "layers.0.self_attn.q_proj". With no deltas in the pass a hook returns at once."""
-        from modules.batch import apply_deltas
-
         keys = {}
         for name, mod in self.model.base_model.named_modules():
             if isinstance(mod, nn.Linear) and name.startswith("layers."):
                 keys[name] = (mod.in_features, mod.out_features)
 
                 def hook(_mod, args, out, key=name):
-                    return apply_deltas(self._groups, key, args[0], out) if self._groups else None
+                    return self._plan.apply(key, args[0], out) if self._plan else None
 
                 mod.register_forward_hook(hook)
         return keys
@@ -236,20 +234,18 @@ class Backbone:
         return self.model.get_input_embeddings()(ids.to(self.device))
 
     def forward(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                cache=None, deltas: list | None = None) -> torch.Tensor:
+                cache=None, deltas=None) -> torch.Tensor:
         """Hidden states of the last layer (after the final norm). (B, T, H) -> (B, T, H)
 
         `mask` (B, S+T) covers the cached and the new positions; `positions` (B, T) are the new
-        tokens' position ids (left padding makes them differ per row); `deltas` holds each row's
-        linear delta or None."""
-        from modules.batch import group_rows
-
-        self._groups = group_rows(deltas, self.device) if deltas and any(d is not None for d in deltas) else []
+        tokens' position ids (left padding makes them differ per row); `deltas` is the rows'
+        DeltaPlan (or None)."""
+        self._plan = deltas
         try:
             out = self.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                         past_key_values=cache, use_cache=cache is not None)
         finally:
-            self._groups = []
+            self._plan = None
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,9 @@ class LinearDelta(Protocol):
     """A per-row change to some of the backbone's linear layers (LoRA and friends).
 
     `keys` names the layers it touches (e.g. "layers.3.self_attn.q_proj"); calling it with a
-    layer's input and output for this module's rows returns the new output for those rows."""
+    layer's input and output for this module's rows returns the new output for those rows. A
+    low-rank delta may also offer `low_rank(key) -> (A (r, in), B (out, r), scale)`, which lets
+    many modules share one pair of matmuls per layer (see DeltaPlan)."""
 
     keys: frozenset[str]
 
@@ -74,7 +76,7 @@ class Pass:
     mask: torch.Tensor       # (B, S+L) 1 on real positions (cached prefix and new), 0 on padding
     positions: torch.Tensor  # (B, L) position ids of the new positions
     cache: object | None     # a cache prefilled with kv prefixes, or None
-    deltas: list[LinearDelta | None]  # per row
+    deltas: "DeltaPlan"      # the rows' linear deltas
 
 
 def _prefix_cache(backbone, rows: list[Row]):
@@ -121,29 +123,83 @@ def build_pass(backbone, rows: list[Row]) -> Pass:
     if any(r.contribution.prefix is not None for r in rows):
         cache, prefix_mask = _prefix_cache(backbone, rows)
         mask = torch.cat([prefix_mask, mask], dim=1)                                    # (B, S+L)
-    return Pass(embeds, mask, positions, cache, [r.contribution.linear for r in rows])
+    return Pass(embeds, mask, positions, cache, DeltaPlan([r.contribution.linear for r in rows], dev))
 
 
-def group_rows(deltas: list[LinearDelta | None], device) -> list[tuple[LinearDelta, torch.Tensor | None]]:
-    """Rows grouped by delta object: [(delta, row indices or None for "every row")]."""
-    groups: dict[int, tuple[LinearDelta, list[int]]] = {}
-    for b, d in enumerate(deltas):
-        if d is not None:
-            groups.setdefault(id(d), (d, []))[1].append(b)
-    out = []
-    for d, idx in groups.values():
-        out.append((d, None if len(idx) == len(deltas) else torch.tensor(idx, device=device)))
-    return out
+class DeltaPlan:
+    """The per-row linear deltas of one batch, prepared once and reused by every decode step.
 
+    For each hooked layer, the low-rank deltas present (LoRA) are concatenated into one
+    down-projection `A_cat` (in, G*r) and one up-projection `B_cat` (G*r, out) with each module's
+    scale folded in; a 0/1 mask (B, 1, G*r) keeps each row's own slice. So a layer costs two
+    matmuls and one multiply whatever the number of modules in the batch, never a loop over rows:
 
-def apply_deltas(groups, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """y with each group's delta applied to its rows only (never to the shared weights)."""
-    for delta, rows in groups:
-        if key not in delta.keys:
-            continue
-        if rows is None:
-            y = delta(key, x, y)
-        else:
-            y = y.index_copy(0, rows, delta(key, x.index_select(0, rows), y.index_select(0, rows)))
-    return y
+        y = y + ((x @ A_cat) * mask) @ B_cat          # (B,T,in) -> (B,T,G*r) -> (B,T,out)
 
+    Rows without a delta have an all-zero mask and get exactly `y`. Deltas that are not low-rank
+    are applied per module on its rows (index_select / index_copy)."""
+
+    def __init__(self, deltas: list[LinearDelta | None], device):
+        self.deltas, self.device = deltas, device
+        self.modules: list[LinearDelta] = []
+        for d in deltas:
+            if d is not None and all(d is not m for m in self.modules):
+                self.modules.append(d)
+        self._layers: dict[str, tuple | None] = {}  # key -> prepared weights, shared by selections
+        self._masks: dict[str, torch.Tensor] = {}   # key -> (B, 1, G*r) for these rows
+
+    def __bool__(self) -> bool:
+        return bool(self.modules)
+
+    def select(self, rows: list[int]) -> "DeltaPlan":
+        """The plan for a subset of the rows (rows finish during decoding)."""
+        plan = DeltaPlan.__new__(DeltaPlan)
+        plan.deltas, plan.device, plan.modules = [self.deltas[r] for r in rows], self.device, self.modules
+        plan._layers = self._layers
+        idx = torch.tensor(rows, device=self.device)
+        plan._masks = {k: m.index_select(0, idx) for k, m in self._masks.items()}
+        return plan
+
+    def _prepare(self, key: str):
+        mods = [m for m in self.modules if key in m.keys]
+        if not mods:
+            return None
+        low = [m.low_rank(key) for m in mods] if all(hasattr(m, "low_rank") for m in mods) else None
+        if low is None:
+            return ("each", mods)
+        if len(mods) == 1 and all(d is mods[0] for d in self.deltas):  # every row, one module
+            a, b, s = low[0]
+            return ("one", a.T, b.T * s)                                               # (in, r), (r, out)
+        a_cat = torch.cat([a.T for a, _, _ in low], dim=1)                              # (in, G*r)
+        b_cat = torch.cat([b.T * s for _, b, s in low], dim=0)                          # (G*r, out)
+        return ("cat", a_cat, b_cat, mods, [a.shape[0] for a, _, _ in low])
+
+    def _mask(self, key: str, mods, ranks) -> torch.Tensor:
+        if key not in self._masks:
+            cols = torch.zeros(len(self.deltas), 1, sum(ranks), device=self.device)
+            start = 0
+            for m, r in zip(mods, ranks):
+                for b, d in enumerate(self.deltas):
+                    if d is m:
+                        cols[b, 0, start:start + r] = 1
+                start += r
+            self._masks[key] = cols
+        return self._masks[key]
+
+    def apply(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y with each row's delta for layer `key` (never touching the shared weights)."""
+        if key not in self._layers:
+            self._layers[key] = self._prepare(key)
+        prep = self._layers[key]
+        if prep is None:
+            return y
+        if prep[0] == "one":
+            return y + (x @ prep[1].to(x.dtype)) @ prep[2].to(x.dtype)
+        if prep[0] == "cat":
+            _, a_cat, b_cat, mods, ranks = prep
+            h = (x @ a_cat.to(x.dtype)) * self._mask(key, mods, ranks).to(x.dtype)     # (B, T, G*r)
+            return y + h @ b_cat.to(x.dtype)                                            # (B, T, out)
+        for m in prep[1]:
+            rows = torch.tensor([b for b, d in enumerate(self.deltas) if d is m], device=self.device)
+            y = y.index_copy(0, rows, m(key, x.index_select(0, rows), y.index_select(0, rows)))
+        return y

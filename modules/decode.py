@@ -71,13 +71,14 @@ class GenItem:
     contribution: Contribution
     sampling: Sampling
     on_text: Callable[[str], None] | None = None  # called with each new piece of text (streaming)
+    stop_requested: Callable[[], bool] | None = None  # true once the caller gave up: the row stops
 
 
 @dataclass
 class Generated:
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str  # "stop" (EOS or a stop string), "length", or "cancelled"
 
 
 def _pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
@@ -115,6 +116,9 @@ class _RowState:
 
     def push(self, tok: int) -> None:
         s = self.item.sampling
+        if self.item.stop_requested is not None and self.item.stop_requested():
+            self.finish = "cancelled"
+            return
         if tok in self.eos:
             self.finish = "stop"
         else:
@@ -160,7 +164,7 @@ def generate(backbone, items: list[GenItem]) -> list[Generated]:
             idx = torch.tensor(keep, device=mask.device)
             cache.batch_select_indices(idx)
             mask, pos = mask[idx], pos[idx]
-            deltas = [deltas[j] for j in keep]
+            deltas = deltas.select(keep)
             active = [active[j] for j in keep]
         last = torch.tensor([[states[i].ids[-1]] for i in active], device=mask.device)  # (b, 1)
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)                  # (b, S+1)

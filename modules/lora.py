@@ -86,11 +86,6 @@ class LoRAModule(TaskModule):
             bound = 1 / math.sqrt(a.shape[1])
             a.copy_(torch.rand(a.shape, generator=g) * 2 * bound - bound)
 
-    def apply(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        slot = _slot(key)
-        a, b = self.A[slot].to(x.dtype), self.B[slot].to(x.dtype)
-        return y + (x @ a.T) @ b.T * self.scale[key]                   # (n, T, in) -> (n, T, r) -> (n, T, out)
-
     def contribution(self, ids: list[int]) -> Contribution:
         return Contribution(linear=self.delta)
 
@@ -109,5 +104,10 @@ class _Delta:
         self.module = module
         self.keys = frozenset(module.scale)
 
+    def low_rank(self, key: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        slot = _slot(key)
+        return self.module.A[slot], self.module.B[slot], self.module.scale[key]
+
     def __call__(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.module.apply(key, x, y)
+        a, b, s = self.low_rank(key)
+        return y + (x @ a.T.to(x.dtype)) @ b.T.to(x.dtype) * s            # (n, T, in) -> (n, T, r) -> (n, T, out)

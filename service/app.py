@@ -9,12 +9,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service import errors
+from service import errors, logs
 from service.api import health, infer, tasks
 from service.config import Settings
 from service.runtime import Runtime
 
 log = logging.getLogger("frozenlm")
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def create_app(settings: Settings | None = None, *, backbone=None, wait_ready: bool = False) -> FastAPI:
@@ -25,9 +26,6 @@ def create_app(settings: Settings | None = None, *, backbone=None, wait_ready: b
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if not settings.admin_key:
-            log.warning("no FROZENLM_ADMIN_KEY set: uploads and deletes are open to anyone who can reach %s",
-                        settings.host)
         loading = asyncio.get_running_loop().run_in_executor(None, runtime.load)
         if wait_ready:
             await loading
@@ -44,6 +42,7 @@ def create_app(settings: Settings | None = None, *, backbone=None, wait_ready: b
                   description="One frozen language model, many small task modules applied per request.")
     app.state.runtime = runtime
     errors.install(app)
+    logs.install(app)
     for router in (health.router, tasks.router, infer.router):
         app.include_router(router)
     return app
@@ -53,10 +52,18 @@ def run(host: str | None = None, port: int | None = None) -> None:
     """`frozenlm serve`: one process, one backbone (never several workers each loading the model)."""
     import uvicorn
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure()
     settings = Settings()
     if host:
         settings.host = host
     if port:
         settings.port = port
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    app = create_app(settings)
+    if app.state.runtime.keys.empty:
+        if settings.host not in LOOPBACK and not settings.allow_open:
+            log.warning("no API key is configured: binding to 127.0.0.1 instead of %s (set FROZENLM_ADMIN_KEY, "
+                        "or FROZENLM_ALLOW_OPEN=true to serve open on the network)", settings.host)
+            settings.host = "127.0.0.1"
+        log.warning("no API key is configured: anyone who can reach %s may upload and delete tasks", settings.host)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                timeout_graceful_shutdown=int(settings.request_timeout_s))

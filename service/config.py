@@ -22,7 +22,10 @@ class Settings(BaseSettings):
     store_dir: Path = Field(Path("./data/modules"), description="Where module artifacts live.")
     examples: bool = Field(True, description="Install the example tasks into an empty store at start.")
     examples_dir: Path = Field(EXAMPLES_DIR, description="Folder of example artifacts (<name>.zip).")
-    admin_key: str | None = Field(None, description="Bearer key for uploads and deletes; unset = open.")
+    admin_key: str | None = Field(None, description="Bearer key with scope admin (uploads, deletes).")
+    api_keys_file: Path | None = Field(None, description="JSON list of {name, key, scopes}: more keys and scopes.")
+    allow_open: bool = Field(False, description="Serve with no keys on a non-loopback address (otherwise the "
+                                                "server binds to 127.0.0.1 when no key is configured).")
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(8000, description="Bind port.")
 
@@ -31,6 +34,9 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(1024, description="Largest max_new_tokens a request may ask for (422 above).")
     max_batch_size: int = Field(32, description="Most rows in one backbone batch.")
     max_batch_tokens: int = Field(16384, description="Token budget of one batch (prompt + new tokens).")
-    max_queue: int = Field(256, description="Queued requests before new ones get 429.")
+    max_queue: int = Field(256, description="Queued rows before new requests get 429.")
+    request_timeout_s: float = Field(300.0, gt=0, description="Per-request deadline (504 past it).")
     cache_bytes: int = Field(1 << 30, description="Byte budget of loaded modules on the device (LRU).")
+    host_cache_bytes: int = Field(4 << 30, description="Byte budget of the CPU tier behind the device cache.")
+    pinned: list[str] = Field(default_factory=list, description='Tasks never evicted, as JSON: ["sst2"].')
     threads: int = Field(0, description="torch CPU threads; 0 = torch's default.")

@@ -84,7 +84,7 @@ class Engine:
         gen = [i for i, j in enumerate(jobs) if j.sampling is not None]
         if gen:
             items = [GenItem(jobs[i].ids, jobs[i].module.contribution(jobs[i].ids), jobs[i].sampling,
-                             jobs[i].on_text) for i in gen]
+                             jobs[i].on_text, stop_requested=lambda j=jobs[i]: j.cancelled) for i in gen]
             for i, g in zip(gen, generate(self.backbone, items)):
                 results[i] = g
         return results

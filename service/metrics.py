@@ -18,6 +18,12 @@ BATCH_ROWS = Histogram("frozenlm_batch_rows", "Rows per engine batch.",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=REGISTRY)
 TOKENS = Counter("frozenlm_generated_tokens_total", "Tokens generated.", registry=REGISTRY)
 BATCH_SECONDS = Histogram("frozenlm_batch_seconds", "Engine time per batch.", registry=REGISTRY)
+MODULE_CACHE = Gauge("frozenlm_module_cache_events", "Module cache events since start: hits, warm_loads (from the "
+                     "CPU tier), cold_loads (from the store), evictions.", ["event"], registry=REGISTRY)
+MODULES_LOADED = Gauge("frozenlm_modules_loaded", "Modules on the device.", registry=REGISTRY)
+MODULE_BYTES = Gauge("frozenlm_module_bytes", "Bytes of modules on the device.", registry=REGISTRY)
+DEVICE_MEMORY = Gauge("frozenlm_device_memory_bytes", "Memory allocated on the CUDA device (0 on CPU).",
+                      registry=REGISTRY)
 
 
 @contextmanager
@@ -38,5 +44,15 @@ def observe_batch(jobs, results, seconds: float) -> None:
     TOKENS.inc(sum(len(getattr(r, "token_ids", ())) for r in results))
 
 
-def render() -> bytes:
+def render(runtime) -> bytes:
+    if runtime.ready:
+        QUEUE_DEPTH.set(runtime.scheduler.depth)
+        for event, n in runtime.registry.stats.items():
+            MODULE_CACHE.labels(event).set(n)
+        MODULES_LOADED.set(runtime.registry.loaded_count)
+        MODULE_BYTES.set(runtime.registry.loaded_bytes)
+        if runtime.backbone.device.type == "cuda":
+            import torch
+
+            DEVICE_MEMORY.set(torch.cuda.memory_allocated(runtime.backbone.device))
     return generate_latest(REGISTRY)

@@ -1,7 +1,10 @@
-"""Loaded modules: an LRU cache on the device, keyed by (task, version).
+"""Loaded modules: an LRU cache on the device and a CPU tier behind it, keyed by (task, version).
 
 A request resolves its task once and holds that module object until it finishes, so replacing
-or evicting a version never changes what an in-flight request uses.
+or evicting a version never changes what an in-flight request uses. Evicted modules drop to the
+CPU tier as plain tensors (a warm load rebuilds them on the device without touching the disk);
+past that tier's budget they are dropped and the next request loads them from the store (a cold
+load). Pinned tasks are never evicted.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import torch
+
 from modules.artifact import ArtifactError, read_artifact
 from modules.backbone import Backbone
-from modules.base import NoModule, TaskModule, load_module, parse_manifest, MANIFEST_FILE
+from modules.base import MANIFEST_FILE, Manifest, NoModule, TaskModule, kind_class, load_module, parse_manifest
 from service.errors import Conflict, Invalid, NotFound, Unavailable, from_artifact_error
 from service.store import ModuleStore, StoredModule, valid_name
 
@@ -29,16 +34,31 @@ class Resolved:
     module: TaskModule
 
 
+@dataclass(frozen=True)
+class _Host:
+    """A module parked on the CPU: its manifest and tensors."""
+
+    manifest: Manifest
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
 class Registry:
     def __init__(self, store: ModuleStore, backbone: Backbone, cache_bytes: int = 1 << 30,
-                 max_artifact_bytes: int = 512 * 1024 * 1024):
+                 max_artifact_bytes: int = 512 * 1024 * 1024, host_cache_bytes: int = 4 << 30,
+                 pinned: frozenset[str] = frozenset()):
         self.store, self.backbone = store, backbone
-        self.cache_bytes, self.max_artifact_bytes = cache_bytes, max_artifact_bytes
+        self.cache_bytes, self.host_cache_bytes = cache_bytes, host_cache_bytes
+        self.max_artifact_bytes, self.pinned = max_artifact_bytes, pinned
         self._base = NoModule(backbone)
-        self._loaded: OrderedDict[tuple[str, int], TaskModule] = OrderedDict()
+        self._loaded: OrderedDict[tuple[str, int], TaskModule] = OrderedDict()  # on the device
+        self._host: OrderedDict[tuple[str, int], _Host] = OrderedDict()          # on the CPU
         self._broken: dict[tuple[str, int], str] = {}  # artifacts on disk that failed to load
         self._lock = threading.RLock()
-        self.stats = {"hits": 0, "misses": 0, "evictions": 0}
+        self.stats = {"hits": 0, "warm_loads": 0, "cold_loads": 0, "evictions": 0}
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -85,18 +105,24 @@ class Registry:
                 self._loaded.move_to_end(key)
                 self.stats["hits"] += 1
                 return Resolved(name, stored.version, module)
-            self.stats["misses"] += 1
+            parked = self._host.pop(key, None)
+        if parked is not None:  # warm: rebuild on the device from CPU tensors
+            module = kind_class(parked.manifest.kind).from_tensors(parked.manifest, parked.tensors, self.backbone)
+            self.stats["warm_loads"] += 1
+        else:  # cold: from the store (outside the lock, so hits are never blocked by a load)
             try:
-                module = load_module(read_artifact(self.store.read(stored), max_bytes=self.max_artifact_bytes),
-                                     self.backbone)
-            except FileNotFoundError:  # replaced or deleted between get() and read(): try again
+                data = self.store.read(stored)
+            except FileNotFoundError:  # replaced or deleted between get() and read(): look again
                 return self.resolve(name)
+            try:
+                module = load_module(read_artifact(data, max_bytes=self.max_artifact_bytes), self.backbone)
             except (ArtifactError, OSError) as e:
                 self._broken[key] = str(e)
                 raise Unavailable(f"task {name!r} v{stored.version} is unavailable: {e}",
                                   code="task_unavailable") from e
-            self._insert(key, module)
-            return Resolved(name, stored.version, module)
+            self.stats["cold_loads"] += 1
+        self._insert(key, module)
+        return Resolved(name, stored.version, module)
 
     # --- writing -----------------------------------------------------------------------------
 
@@ -129,18 +155,36 @@ class Registry:
         if not valid_name(name) or not self.store.delete(name):
             raise NotFound(f"task {name!r} not found", code="task_not_found")
         with self._lock:
-            for key in [k for k in self._loaded if k[0] == name]:
-                del self._loaded[key]
+            for key in [k for k in (*self._loaded, *self._host) if k[0] == name]:
+                self._loaded.pop(key, None)
+                self._host.pop(key, None)
 
     def _insert(self, key: tuple[str, int], module: TaskModule) -> None:
         with self._lock:
-            for old in [k for k in self._loaded if k[0] == key[0] and k != key]:
-                del self._loaded[old]  # superseded versions: in-flight requests keep their reference
+            for old in [k for k in (*self._loaded, *self._host) if k[0] == key[0] and k != key]:
+                self._loaded.pop(old, None)  # superseded versions: in-flight requests keep their reference
+                self._host.pop(old, None)
             self._loaded[key] = module
             self._loaded.move_to_end(key)
-            while len(self._loaded) > 1 and self.loaded_bytes > self.cache_bytes:
-                self._loaded.popitem(last=False)
+            for victim in self._victims(self._loaded, self.cache_bytes, lambda m: m.nbytes):
+                evicted = self._loaded.pop(victim)
+                self._host[victim] = _Host(evicted.manifest.model_copy(update={"config": evicted.artifact_config()}),
+                                           evicted.tensors())
+            for victim in self._victims(self._host, self.host_cache_bytes, lambda h: h.nbytes):
+                del self._host[victim]
                 self.stats["evictions"] += 1
+
+    def _victims(self, tier: OrderedDict, budget: int, size) -> list[tuple[str, int]]:
+        """Least recently used, unpinned entries to drop until the tier fits its budget (the newest stays)."""
+        total = sum(size(v) for v in tier.values())
+        out = []
+        for k, v in list(tier.items())[:-1]:
+            if total <= budget:
+                break
+            if k[0] not in self.pinned:
+                out.append(k)
+                total -= size(v)
+        return out
 
     @property
     def loaded_bytes(self) -> int:

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import metrics
 from service.config import Settings
-from service.errors import Invalid, TooLarge, Unavailable
+from service.errors import Invalid, Timeout, TooLarge, Unavailable
 from service.schemas import InferRequest, InferResponse, Output, TaskOut, Uploaded, Usage
 from service.scheduler import Job, Scheduler
 
@@ -27,7 +27,10 @@ log = logging.getLogger("frozenlm.runtime")
 
 class Runtime:
     def __init__(self, settings: Settings, backbone=None):
+        from service.security import KeyRing
+
         self.settings = settings
+        self.keys = KeyRing(settings.admin_key, settings.api_keys_file)
         self.scheduler = Scheduler(settings.max_queue, settings.max_batch_size, settings.max_batch_tokens)
         self.backbone = backbone  # injected (tests) or loaded in load()
         self.registry = None
@@ -57,7 +60,8 @@ class Runtime:
             log.info("backbone %s loaded on %s/%s in %.1fs (fingerprint %s)", self.backbone.name,
                      self.backbone.device, self.backbone.dtype, time.monotonic() - t, self.backbone.info.fingerprint)
             store = ModuleStore(s.store_dir)
-            self.registry = Registry(store, self.backbone, s.cache_bytes, max_artifact_bytes=8 * s.max_upload_bytes)
+            self.registry = Registry(store, self.backbone, s.cache_bytes, max_artifact_bytes=8 * s.max_upload_bytes,
+                                     host_cache_bytes=s.host_cache_bytes, pinned=frozenset(s.pinned))
             if s.examples and not store.names():
                 self._install_examples(s.examples_dir)
             self.registry.check_all()
@@ -157,14 +161,28 @@ class Runtime:
             jobs.append(Job(module, ids, sampling, cost, on_text=on_text))
         return jobs
 
-    async def _run(self, jobs: list[Job]) -> list:
+    async def _run(self, jobs: list[Job], disconnected=None) -> list:
+        """Queue the jobs and wait for them, up to the request deadline (504). A client that goes
+        away (`disconnected()` turns true, or this coroutine is cancelled) cancels its jobs: queued
+        ones never run, running rows stop at the next decode step."""
         self.scheduler.submit(jobs)
         metrics.QUEUE_DEPTH.set(self.scheduler.depth)
+        waiting = asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs))
+        deadline = time.monotonic() + self.settings.request_timeout_s
         try:
-            return await asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs))
-        except asyncio.CancelledError:  # client went away: drop what has not started
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=0.25)
+                if done:
+                    return waiting.result()
+                if time.monotonic() > deadline:
+                    raise Timeout(f"request did not finish within {self.settings.request_timeout_s:g}s",
+                                  code="deadline_exceeded")
+                if disconnected is not None and await disconnected():
+                    raise asyncio.CancelledError
+        except BaseException:
             for j in jobs:
-                j.future.cancel()
+                j.cancel()
+            waiting.cancel()
             raise
 
     @staticmethod
@@ -185,14 +203,14 @@ class Runtime:
                              usage=Usage(prompt_tokens=sum(len(j.ids) for j in jobs), completion_tokens=completion),
                              timings_ms={k: round(v, 2) for k, v in timings.items()})
 
-    async def infer(self, name: str, req: InferRequest) -> InferResponse:
+    async def infer(self, name: str, req: InferRequest, disconnected=None) -> InferResponse:
         self._require_ready()
         t0 = time.monotonic()
         resolved = await run_in_threadpool(self.registry.resolve, name)
         texts = [req.inputs] if isinstance(req.inputs, str) else req.inputs
         with metrics.track(resolved.name, resolved.module.kind):
             jobs = await run_in_threadpool(self._jobs, resolved.module, texts, req)
-            results = await self._run(jobs)
+            results = await self._run(jobs, disconnected)
         return self._response(resolved, jobs, results, t0)
 
     async def infer_stream(self, name: str, req: InferRequest) -> AsyncIterator[dict]:
@@ -221,6 +239,15 @@ class Runtime:
                     results = task.result()
                 final = self._response(resolved, jobs, results, t0)
                 yield {"event": "done", "data": final.model_dump_json()}
+            except Exception as e:  # noqa: BLE001 - the status line is sent already: report in-band
+                from service.errors import ServiceError
+
+                known = isinstance(e, ServiceError)
+                if not known:
+                    log.exception("stream for task %s failed", name)
+                error = {"code": e.code if known else "internal_error",
+                         "message": e.message if known else "internal server error"}
+                yield {"event": "error", "data": json.dumps({"error": error})}
             finally:
                 task.cancel()
 

@@ -28,6 +28,11 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
     started: float = 0.0
     finished: float = 0.0
+    cancelled: bool = False      # the client went away: skip it, or stop its row at the next step
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.future.cancel()  # succeeds only while queued
 
 
 class Scheduler:

@@ -6,9 +6,11 @@ import io
 import zipfile
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
-from modules.base import kind_class
+from modules.artifact import read_artifact
+from modules.base import kind_class, load_module
 from service.app import create_app
 from service.config import Settings
 from tests.conftest import tiny_backbone
@@ -39,7 +41,8 @@ def _snapshot(root):
 def test_health_ready_backbone(app_client, tiny):
     assert app_client.get("/healthz").json() == {"status": "ok"}
     assert app_client.get("/readyz").status_code == 200
-    bb = app_client.get("/backbone").json()
+    assert app_client.get("/backbone").status_code == 401  # a key exists: reads need one
+    bb = app_client.get("/backbone", headers=ADMIN).json()
     assert bb["fingerprint"] == tiny.info.fingerprint and bb["hidden_size"] == 64 and bb["device"] == "cpu"
 
 
@@ -48,8 +51,8 @@ def test_upload_list_get_infer_replace_delete(app_client, tiny):
     assert r.status_code == 201, r.text
     up = r.json()
     assert up["version"] == 1 and up["kind"] == "prompt" and len(up["sha256"]) == 64
-    assert [t["name"] for t in app_client.get("/tasks").json()["tasks"]] == ["cls"]
-    got = app_client.get("/tasks/cls").json()
+    assert [t["name"] for t in app_client.get("/tasks", headers=ADMIN).json()["tasks"]] == ["cls"]
+    got = app_client.get("/tasks/cls", headers=ADMIN).json()
     assert got["manifest"]["labels"] == LABELS and got["status"] == "ready"
 
     out = app_client.post("/tasks/cls/infer", json={"inputs": ["hello", "a longer input text"]}).json()
@@ -66,7 +69,7 @@ def test_upload_list_get_infer_replace_delete(app_client, tiny):
     assert gen["usage"]["completion_tokens"] <= 5 and set(gen["timings_ms"]) == {"queue", "inference", "total"}
 
     assert app_client.delete("/tasks/cls", headers=ADMIN).status_code == 204
-    assert app_client.get("/tasks/cls").status_code == 404
+    assert app_client.get("/tasks/cls", headers=ADMIN).status_code == 404
     assert app_client.post("/tasks/cls/infer", json={"inputs": "x"}).status_code == 404
 
 
@@ -103,15 +106,16 @@ def test_refused_uploads_leave_the_store_unchanged(app_client, tiny, tmp_path, n
     if code:
         assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
     assert _snapshot(tmp_path / "store") == before
-    assert [t["name"] for t in app_client.get("/tasks").json()["tasks"]] == ["keep"]
+    assert [t["name"] for t in app_client.get("/tasks", headers=ADMIN).json()["tasks"]] == ["keep"]
 
 
 def test_admin_key_is_required_for_writes(app_client, tiny):
     art = _artifact(tiny)
     assert app_client.put("/tasks/t", content=art).status_code == 401
-    assert app_client.put("/tasks/t", content=art, headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert app_client.put("/tasks/t", content=art, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert app_client.delete("/tasks/t").status_code == 401
-    assert app_client.get("/tasks").status_code == 200  # reads stay open
+    assert app_client.get("/tasks").status_code == 401  # a key exists: reads need one
+    assert app_client.get("/tasks", headers=ADMIN).status_code == 200
 
 
 @pytest.mark.parametrize("body,status", [
@@ -154,3 +158,127 @@ def test_metrics_count_requests(app_client):
     text = app_client.get("/metrics").text
     assert 'frozenlm_requests_total{kind="base",outcome="ok",task="base"}' in text
     assert "frozenlm_batch_rows_count" in text
+
+
+def test_module_cache_tiers_pinning_and_counts(tmp_path, tiny):
+    from service.registry import Registry
+    from service.store import ModuleStore
+
+    arts = {f"t{i}": _artifact(tiny, p=4) for i in range(4)}
+    nbytes = 4 * 64 * 4  # one module: 4 x 64 float32
+    reg = Registry(ModuleStore(tmp_path), tiny, cache_bytes=2 * nbytes, host_cache_bytes=1 * nbytes,
+                   pinned=frozenset({"t0"}))
+    for name, blob in arts.items():
+        reg.put(name, blob)  # a put loads the module too
+    assert reg.loaded_count == 2 and reg.stats["evictions"] == 1  # t0 pinned; t1 parked then dropped by t2
+    t0 = reg.resolve("t0").module
+    assert reg.stats["hits"] == 1 and reg.resolve("t0").module is t0
+    reg.resolve("t2")  # parked on the CPU tier: rebuilt on the device without the store
+    assert reg.stats["warm_loads"] == 1
+    before = reg.stats["cold_loads"]
+    reg.resolve("t1")  # dropped from both tiers: back from the store
+    assert reg.stats["cold_loads"] == before + 1
+    assert "t0" in {k[0] for k in reg._loaded}  # the pinned task never left the device
+    torch.testing.assert_close(reg.resolve("t2").module.embeddings,
+                               load_module(read_artifact(arts["t2"]), tiny).embeddings, rtol=0, atol=0)
+
+
+def test_keys_file_scopes_guard_inference_per_task(tmp_path, tiny):
+    import json
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps([{"name": "a", "key": "key-a", "scopes": ["infer:one"]},
+                                {"name": "all", "key": "key-all", "scopes": ["infer:*"]}]))
+    settings = Settings(store_dir=tmp_path / "store", examples=False, admin_key="sekret", api_keys_file=keys,
+                        _env_file=None)
+    with TestClient(create_app(settings, backbone=tiny, wait_ready=True)) as c:
+        for name in ("one", "two"):
+            assert c.put(f"/tasks/{name}", content=_artifact(tiny, LABELS), headers=ADMIN).status_code == 201
+        body = {"inputs": "x"}
+
+        def status(task, key=None):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            return c.post(f"/tasks/{task}/infer", json=body, headers=headers).status_code
+
+        assert status("one") == 401 and status("one", "nope") == 401
+        assert status("one", "key-a") == 200 and status("two", "key-a") == 403
+        assert status("two", "key-all") == 200 and status("two", "sekret") == 200
+        assert c.put("/tasks/three", content=_artifact(tiny), headers={"Authorization": "Bearer key-all"}).status_code == 403
+        assert c.get("/tasks").status_code == 401
+        assert c.get("/tasks", headers={"Authorization": "Bearer key-a"}).status_code == 200
+        assert c.get("/healthz").status_code == 200 and c.get("/metrics").status_code == 200
+
+
+def test_no_keys_means_loopback_only(monkeypatch, tmp_path):
+    import service.app as app_module
+
+    seen = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, host, port, **kw: seen.update(host=host))
+    monkeypatch.setattr(app_module, "Settings", lambda: Settings(host="0.0.0.0", store_dir=tmp_path, _env_file=None))
+    app_module.run()
+    assert seen["host"] == "127.0.0.1"
+    monkeypatch.setattr(app_module, "Settings",
+                        lambda: Settings(host="0.0.0.0", store_dir=tmp_path, admin_key="k", _env_file=None))
+    app_module.run()
+    assert seen["host"] == "0.0.0.0"
+
+
+def test_request_id_is_echoed(app_client):
+    r = app_client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    generated = app_client.get("/healthz").headers["x-request-id"]
+    assert len(generated) == 16 and generated != app_client.get("/healthz").headers["x-request-id"]
+    assert app_client.get("/healthz", headers={"X-Request-ID": "bad id\n!"}).headers["x-request-id"] != "bad id\n!"
+
+
+def test_full_queue_answers_429_with_retry_after(tmp_path, tiny):
+    settings = Settings(store_dir=tmp_path, examples=False, max_queue=2, _env_file=None)
+    with TestClient(create_app(settings, backbone=tiny, wait_ready=True)) as c:
+        r = c.post("/tasks/base/infer", json={"inputs": ["a", "b", "c"]})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "queue_full"
+        assert c.post("/tasks/base/infer", json={"inputs": ["a", "b"], "parameters": {"max_new_tokens": 2}}).status_code == 200
+
+
+def test_deadline_answers_504_and_cancels_the_rows(tmp_path, tiny, monkeypatch):
+    import time as _time
+
+    import service.engine as engine_module
+
+    real, seen = engine_module.generate, []
+
+    def slow_generate(backbone, items):
+        _time.sleep(1.0)  # the engine is busy for longer than the deadline
+        out = real(backbone, items)
+        seen.extend(g.finish_reason for g in out)
+        return out
+
+    monkeypatch.setattr(engine_module, "generate", slow_generate)
+    settings = Settings(store_dir=tmp_path, examples=False, request_timeout_s=0.3, _env_file=None)
+    with TestClient(create_app(settings, backbone=tiny, wait_ready=True)) as c:
+        r = c.post("/tasks/base/infer", json={"inputs": "hello", "parameters": {"max_new_tokens": 20}})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+        deadline = _time.monotonic() + 10
+        while not seen and _time.monotonic() < deadline:
+            _time.sleep(0.05)
+    assert seen == ["cancelled"]  # the row stopped at its first decode step
+
+
+def test_a_corrupt_artifact_on_disk_marks_only_its_task_unavailable(tmp_path, tiny):
+    from service.store import ModuleStore
+
+    store = ModuleStore(tmp_path / "store")
+    store.put("good", _artifact(tiny, LABELS), "prompt")
+    bad = store.put("bad", _artifact(tiny, LABELS), "prompt")
+    bad.path.write_bytes(bad.path.read_bytes()[:100])  # truncated on disk
+    settings = Settings(store_dir=tmp_path / "store", examples=False, _env_file=None)
+    with TestClient(create_app(settings, backbone=tiny, wait_ready=True)) as c:
+        tasks = {t["name"]: t for t in c.get("/tasks").json()["tasks"]}
+        assert tasks["bad"]["status"] == "unavailable" and tasks["bad"]["error"]
+        assert tasks["good"]["status"] == "ready"
+        r = c.post("/tasks/bad/infer", json={"inputs": "x"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "task_unavailable"
+        assert c.post("/tasks/good/infer", json={"inputs": "x"}).status_code == 200
+        # a new upload replaces the broken version
+        assert c.put("/tasks/bad", content=_artifact(tiny, LABELS)).status_code == 201
+        assert c.post("/tasks/bad/infer", json={"inputs": "x"}).status_code == 200

@@ -4,10 +4,12 @@ the real client over HTTP, the shipped example task, and real SST-2 rows."""
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 from clients import Client, Conflict, InvalidRequest, NotFound, Unauthorized
 
@@ -66,20 +68,39 @@ def _random_prompt(backbone, p: int, seed: int) -> bytes:
     return m.to_artifact()
 
 
+def _random_deltas(backbone) -> list[bytes]:
+    from modules.base import kind_class
+
+    specs = [("lora", {"targets": ["q_proj", "v_proj"], "r": 8}), ("lora", {"targets": ["gate_proj", "down_proj"], "r": 2}),
+             ("prefix", {"num_virtual_tokens": 3}), ("prefix", {"num_virtual_tokens": 12}),
+             ("compose", {"parts": [{"kind": "lora", "config": {"r": 4}}, {"kind": "prompt", "config": {}}]})]
+    out = []
+    for i, (kind, cfg) in enumerate(specs):
+        m = kind_class(kind).new(backbone, cfg, template="{input}")
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        out.append(m.to_artifact())
+    return out
+
+
 PROMPTS = ["Write one word:", "List three colors, please, and explain why you like them.", "Hello!",
            "Translate to French: good morning", "What is 2+2?", "Name a large animal that lives in the sea."]
 
 
 def test_mixed_task_batch_equals_each_request_alone_in_the_engine(real_backbone):
-    """Four prompt modules and base rows of different lengths in one batch, against each row alone."""
+    """Base, 4 prompt, 2 LoRA, 2 prefix and 1 composed module, rows of different lengths in one batch,
+    against each row alone."""
     from modules.artifact import read_artifact
     from modules.base import NoModule, load_module
     from modules.decode import GenItem, Sampling, generate
 
     mods = [NoModule(real_backbone)] + [load_module(read_artifact(_random_prompt(real_backbone, p, p)), real_backbone)
                                        for p in (1, 4, 8, 20)]
+    mods += [load_module(read_artifact(blob), real_backbone) for blob in _random_deltas(real_backbone)]
     items = []
-    for i, text in enumerate(PROMPTS * 2):
+    for i, text in enumerate(PROMPTS * 3):
         m = mods[i % len(mods)]
         ids = m.encode(text)
         items.append(GenItem(ids, m.contribution(ids), Sampling(max_new_tokens=10)))
@@ -149,3 +170,59 @@ def test_bad_input_answers_clearly_and_leaves_the_store_alone(admin, server):
     assert after == before
     raw = admin._http.post("/tasks/base/infer", content=b"{oops", headers={"Content-Type": "application/json"})
     assert raw.status_code == 422 and json.loads(raw.text)["error"]["code"] == "invalid_request"
+
+
+def test_new_version_mid_traffic_each_answer_matches_its_version(server, admin, real_backbone):
+    import threading
+
+    text, params = "Name a color.", {"max_new_tokens": 6, "temperature": 0}
+    admin.upload("swap", _random_prompt(real_backbone, 4, seed=101))
+    expected = {1: admin.infer("swap", text, **params).outputs[0].text}
+    answers, errors, stop = [], [], threading.Event()
+
+    def traffic():
+        with Client(server[0], timeout=300) as c:
+            while not stop.is_set():
+                try:
+                    r = c.infer("swap", text, **params)
+                    answers.append((r.version, r.outputs[0].text))
+                except Exception as e:  # noqa: BLE001 - every failure is a test failure
+                    errors.append(e)
+
+    threads = [threading.Thread(target=traffic) for _ in range(4)]
+    for t in threads:
+        t.start()
+    while len(answers) < 8:
+        time.sleep(0.05)
+    up = admin.upload("swap", _random_prompt(real_backbone, 9, seed=202))
+    n = len(answers)
+    while len(answers) < n + 8:
+        time.sleep(0.05)
+    stop.set()
+    for t in threads:
+        t.join()
+    expected[2] = admin.infer("swap", text, **params).outputs[0].text
+    assert up.version == 2 and expected[1] != expected[2]
+    assert not errors
+    assert {v for v, _ in answers} == {1, 2}
+    assert all(out == expected[v] for v, out in answers)
+
+
+def test_streaming_over_http_returns_the_plain_text(server, admin):
+    import httpx
+
+    body = {"inputs": "Write a short greeting.", "parameters": {"max_new_tokens": 16}}
+    plain = admin.infer("base", body["inputs"], **body["parameters"]).outputs[0].text
+    pieces, done = [], None
+    with httpx.stream("POST", f"{server[0]}/tasks/base/infer", json={**body, "stream": True}, timeout=120) as r:
+        event = None
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                data = json.loads(line[5:])
+                if event == "done":
+                    done = data
+                else:
+                    pieces.append(data["text"])
+    assert len(pieces) > 3 and "".join(pieces) == plain == done["outputs"][0]["text"]

@@ -2,7 +2,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from service import metrics
-from service.api.deps import RuntimeDep
+from service.api.deps import ReaderDep, RuntimeDep
 from service.schemas import BackboneOut
 
 router = APIRouter(tags=["health"])
@@ -21,7 +21,7 @@ def readyz(rt: RuntimeDep):
     return JSONResponse({"status": "failed" if rt.error else "loading", "error": rt.error}, status_code=503)
 
 
-@router.get("/backbone", response_model=BackboneOut, summary="The frozen backbone")
+@router.get("/backbone", response_model=BackboneOut, summary="The frozen backbone", dependencies=[ReaderDep])
 def backbone(rt: RuntimeDep) -> BackboneOut:
     rt._require_ready()
     return BackboneOut(**rt.backbone.summary())
@@ -29,6 +29,4 @@ def backbone(rt: RuntimeDep) -> BackboneOut:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 def prometheus(rt: RuntimeDep) -> Response:
-    if rt.ready:
-        metrics.QUEUE_DEPTH.set(rt.scheduler.depth)
-    return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+    return Response(metrics.render(rt), media_type="text/plain; version=0.0.4")

@@ -1,18 +1,19 @@
 from fastapi import APIRouter, Request, Response
 
-from service.api.deps import AdminDep, RuntimeDep
+from service.api.deps import AdminDep, ReaderDep, RuntimeDep
 from service.errors import Invalid, TooLarge
 from service.schemas import TaskList, TaskOut, Uploaded
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
 
-@router.get("", response_model=TaskList, summary="List tasks")
+@router.get("", response_model=TaskList, summary="List tasks", dependencies=[ReaderDep])
 def list_tasks(rt: RuntimeDep) -> TaskList:
     return TaskList(tasks=rt.list_tasks())
 
 
-@router.get("/{name}", response_model=TaskOut, summary="One task: manifest, version, size")
+@router.get("/{name}", response_model=TaskOut, summary="One task: manifest, version, size",
+            dependencies=[ReaderDep])
 def get_task(name: str, rt: RuntimeDep) -> TaskOut:
     return rt.get_task(name)
 

@@ -1,0 +1,45 @@
+"""Markdown tables for the README, made from the JSON the benchmarks write.
+
+    .venv/bin/python bench/tables.py            # prints every table whose JSON exists
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def mixed_batch(r: dict) -> str:
+    lines = [f"Embedded backbone ({r['backbone']}), {r['rows']} rows x {r['new_tokens']} new tokens, greedy; "
+             f"{r['machine']}.", "", "| setup | tokens/s | tokens | seconds |", "|---|---:|---:|---:|"]
+    for v in r["results"].values():
+        lines.append(f"| {v['label']} | {v['tokens_per_s']} | {v['tokens']} | {v['seconds']} |")
+    q = r["ratios"]
+    lines += ["", "| ratio | value | target |", "|---|---:|---|",
+              f"| (c) / (a) | {q['c_over_a']} | >= 0.8 |",
+              f"| (c) / (e) | {q['c_over_e']} | >= 5 |",
+              f"| (c') / (d), LoRA-only mix | {q['c_lora16_over_d']} | >= 1 |",
+              f"| LoRA overhead, 1 - (b)/(a) | {q['lora_overhead_b_vs_a']} | <= 0.15 |",
+              "", f"Cold load of a module (store -> validated -> device): p50 {r['cold_load_ms']['p50']} ms, "
+                  f"p95 {r['cold_load_ms']['p95']} ms."]
+    return "\n".join(lines)
+
+
+def sst2_http(r: dict) -> str:
+    lines = [f"SST-2 dev through `POST /tasks/<name>/infer`, template `{json.dumps(r['template'])}`, "
+             f"verbalizers {r['labels']}; {r['machine']}.", "", "| task | accuracy | rows | seconds |",
+             "|---|---:|---:|---:|"]
+    for name, v in r["results"].items():
+        lines.append(f"| `{name}` | {v['accuracy']:.4f} | {v['rows']} | {v['seconds']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    for name, fn in (("mixed_batch", mixed_batch), ("sst2_http", sst2_http)):
+        path = RESULTS / f"{name}.json"
+        if path.is_file():
+            print(f"<!-- {name}: from bench/results/{name}.json -->")
+            print(fn(json.loads(path.read_text())))
+            print()
