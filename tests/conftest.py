@@ -59,6 +59,16 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_served(tmp_path_factory):
+    """The tiny random model saved as an HF folder, so a real server process loads it in seconds."""
+    bb = tiny_backbone()
+    folder = tmp_path_factory.mktemp("tiny-model")
+    bb.model.save_pretrained(folder)
+    bb.tokenizer.save_pretrained(folder)
+    return folder, bb
+
+
+@pytest.fixture(scope="session")
 def real_backbone():
     from modules.backbone import Backbone
 

@@ -8,23 +8,11 @@ import threading
 import time
 
 import httpx
-import pytest
 
 from modules.artifact import read_artifact
 from modules.base import kind_class, load_module
 from service.store import ModuleStore
 from service.testing import running_server
-from tests.conftest import tiny_backbone
-
-
-@pytest.fixture(scope="module")
-def tiny_served(tmp_path_factory):
-    """The tiny random model saved as an HF folder, so a real server can load it in seconds."""
-    bb = tiny_backbone()
-    folder = tmp_path_factory.mktemp("tiny-model")
-    bb.model.save_pretrained(folder)
-    bb.tokenizer.save_pretrained(folder)
-    return folder, bb
 
 
 def _big_artifact(bb, seed: int) -> bytes:
