@@ -4,9 +4,10 @@
 (c') 16 different LoRA modules through frozenlm's engine; (d) the same 16 LoRA modules through
 PEFT's own `adapter_names` mixed batch; (e) a naive server that swaps PEFT adapters per request
 (`set_adapter` + `generate`, one request at a time); plus the cold-load latency of a module
-(read from the store, validated, put on the device).
+(read from the store, validated, put on the device). Every row generates exactly --new-tokens
+tokens (EOS ignored), so every setup does the same work; every setup gets the same token ids.
 
-    .venv/bin/python bench/mixed_batch.py [--rows 16] [--new-tokens 16] [--repeats 3]
+    .venv/bin/python bench/mixed_batch.py [--rows 16] [--new-tokens 24] [--repeats 5]
 
 Prints a table and writes bench/results/mixed_batch.json (the README table is made from it).
 """
@@ -65,19 +66,23 @@ def rows_for(modules, n: int, new_tokens: int) -> list[GenItem]:
     for i in range(n):
         m = modules[i % len(modules)]
         ids = m.encode(PROMPTS[i % len(PROMPTS)])
-        items.append(GenItem(ids, m.contribution(ids), Sampling(max_new_tokens=new_tokens)))
+        items.append(GenItem(ids, m.contribution(ids), Sampling(max_new_tokens=new_tokens, ignore_eos=True)))
     return items
 
 
-def timed(fn, repeats: int) -> tuple[float, int]:
-    """Median seconds over `repeats` runs (after one warm-up) and the tokens one run generates."""
-    tokens = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), tokens
+def interleaved(fns: dict, repeats: int, once: set[str]) -> dict[str, tuple[float, int]]:
+    """Median seconds and tokens per setup. Setups run round-robin (after one warm-up each), so
+    drift on a shared machine hits every setup alike; those in `once` run in the first round only."""
+    tokens = {k: fn() for k, fn in fns.items() if k not in once}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeats):
+        for k, fn in fns.items():
+            if k in once and r:
+                continue
+            start = time.perf_counter()
+            tokens[k] = fn()
+            times[k].append(time.perf_counter() - start)
+    return {k: (statistics.median(v), tokens[k]) for k, v in times.items()}
 
 
 def ours(bb, modules, n, new_tokens):
@@ -122,8 +127,8 @@ def peft_mixed(model, tok, n, new_tokens):
 
     def run():
         with torch.inference_mode():
-            out = model.generate(**batch, adapter_names=names, max_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
+            out = model.generate(**batch, adapter_names=names, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)
         return _count_new(out[:, batch["input_ids"].shape[1]:], tok)
     return run
 
@@ -137,18 +142,16 @@ def peft_naive(model, tok, n, new_tokens):
             for i, text in enumerate(texts):
                 model.set_adapter(f"a{i % 16}")
                 ids = tok(text, return_tensors="pt")
-                out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+                out = model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id)
                 total += _count_new(out[:, ids["input_ids"].shape[1]:], tok)
         return total
     return run
 
 
 def _count_new(new_ids: torch.Tensor, tok) -> int:
-    """Generated tokens up to and excluding the first EOS of each row (as frozenlm counts them)."""
-    total = 0
-    for row in new_ids.tolist():
-        total += next((i for i, t in enumerate(row) if t in (tok.eos_token_id, tok.pad_token_id)), len(row))
-    return total
+    """Generated tokens (every row generates exactly new_tokens: EOS is suppressed everywhere)."""
+    return new_ids.numel()
 
 
 def cold_loads(bb, n: int) -> list[float]:
@@ -171,8 +174,8 @@ def cold_loads(bb, n: int) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=16)
-    ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mixed_batch.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -190,9 +193,10 @@ def main() -> None:
         model = peft_model_with(bb, loras, Path(d))
         setups["d_peft_mixed"] = ("(d) 16 LoRA, PEFT adapter_names", peft_mixed(model, bb.tokenizer, n, t))
         setups["e_naive_swap"] = ("(e) PEFT set_adapter per request", peft_naive(model, bb.tokenizer, n, t))
+        measured = interleaved({k: fn for k, (_, fn) in setups.items()}, args.repeats, once={"e_naive_swap"})
         results = {}
-        for key, (label, fn) in setups.items():
-            seconds, tokens = timed(fn, args.repeats if not key.startswith("e") else 1)
+        for key, (label, _) in setups.items():
+            seconds, tokens = measured[key]
             results[key] = {"label": label, "seconds": round(seconds, 3), "tokens": tokens,
                             "tokens_per_s": round(tokens / seconds, 1)}
             print(f"{label:36} {tokens / seconds:8.1f} tok/s  ({tokens} tokens in {seconds:.2f}s)", flush=True)

@@ -27,9 +27,10 @@ class Scored:
 
 
 class Engine:
-    def __init__(self, backbone: Backbone, scheduler: Scheduler, on_batch=None):
+    def __init__(self, backbone: Backbone, scheduler: Scheduler, on_batch=None, on_cancel=None):
         self.backbone, self.scheduler = backbone, scheduler
-        self.on_batch = on_batch  # callback(jobs, seconds) for metrics
+        self.on_batch = on_batch    # callback(jobs, results, seconds), for metrics
+        self.on_cancel = on_cancel  # callback(number of queued jobs skipped), for metrics
         self._thread = threading.Thread(target=self._loop, name="frozenlm-engine", daemon=True)
 
     def start(self) -> None:
@@ -50,7 +51,10 @@ class Engine:
             self.run(jobs)
 
     def run(self, jobs: list[Job]) -> None:
-        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # skip cancelled requests
+        runnable = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # skip cancelled requests
+        if self.on_cancel and len(runnable) < len(jobs):
+            self.on_cancel(len(jobs) - len(runnable))
+        jobs = runnable
         if not jobs:
             return
         start = time.monotonic()

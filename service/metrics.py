@@ -17,6 +17,8 @@ QUEUE_DEPTH = Gauge("frozenlm_queue_depth", "Jobs waiting for the engine.", regi
 BATCH_ROWS = Histogram("frozenlm_batch_rows", "Rows per engine batch.",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=REGISTRY)
 TOKENS = Counter("frozenlm_generated_tokens_total", "Tokens generated.", registry=REGISTRY)
+CANCELLED = Counter("frozenlm_cancelled_rows_total", "Rows dropped because their request went away "
+                    "(client disconnect or deadline): before they ran or mid-decoding.", registry=REGISTRY)
 BATCH_SECONDS = Histogram("frozenlm_batch_seconds", "Engine time per batch.", registry=REGISTRY)
 MODULE_CACHE = Gauge("frozenlm_module_cache_events", "Module cache events since start: hits, warm_loads (from the "
                      "CPU tier), cold_loads (from the store), evictions.", ["event"], registry=REGISTRY)
@@ -42,6 +44,7 @@ def observe_batch(jobs, results, seconds: float) -> None:
     BATCH_ROWS.observe(len(jobs))
     BATCH_SECONDS.observe(seconds)
     TOKENS.inc(sum(len(getattr(r, "token_ids", ())) for r in results))
+    CANCELLED.inc(sum(getattr(r, "finish_reason", None) == "cancelled" for r in results))
 
 
 def render(runtime) -> bytes:

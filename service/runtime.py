@@ -65,7 +65,8 @@ class Runtime:
             if s.examples and not store.names():
                 self._install_examples(s.examples_dir)
             self.registry.check_all()
-            self.engine = Engine(self.backbone, self.scheduler, on_batch=metrics.observe_batch)
+            self.engine = Engine(self.backbone, self.scheduler, on_batch=metrics.observe_batch,
+                                 on_cancel=metrics.CANCELLED.inc)
             self.engine.start()
             self._ready.set()
             log.info("ready: %d tasks in %s", len(store.names()), s.store_dir)

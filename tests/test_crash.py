@@ -80,3 +80,73 @@ def _server_pid(url: str) -> int:
         if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
             return conn.pid
     raise RuntimeError(f"no process listens on {port}")
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+LONG = {"inputs": ["tell me everything"] * 32, "parameters": {"max_new_tokens": 1000, "temperature": 0}}
+
+
+def test_a_client_that_disconnects_cancels_its_rows(tiny_served, tmp_path):
+    import socket
+
+    folder, _ = tiny_served
+    env = {"FROZENLM_BACKBONE": str(folder), "FROZENLM_STORE_DIR": str(tmp_path), "FROZENLM_EXAMPLES": "false",
+           "FROZENLM_MAX_BATCH_SIZE": "64", "FROZENLM_MAX_BATCH_TOKENS": "100000"}
+    with running_server(env) as url:
+        host, port = url.removeprefix("http://").split(":")
+        body = __import__("json").dumps(LONG).encode()
+        s = socket.create_connection((host, int(port)))
+        s.sendall(b"POST /tasks/base/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        time.sleep(1.0)  # decoding has started
+        s.close()  # the client goes away
+        deadline = time.monotonic() + 30
+        while _metric(url, "frozenlm_cancelled_rows_total") < 32 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _metric(url, "frozenlm_cancelled_rows_total") == 32
+        assert _metric(url, "frozenlm_generated_tokens_total") < 32 * 1000  # they stopped early
+
+
+def test_sigterm_finishes_in_flight_requests(tiny_served, tmp_path):
+    import os
+    import signal
+
+    folder, _ = tiny_served
+    env = {"FROZENLM_BACKBONE": str(folder), "FROZENLM_STORE_DIR": str(tmp_path), "FROZENLM_EXAMPLES": "false",
+           "FROZENLM_MAX_BATCH_SIZE": "64", "FROZENLM_MAX_BATCH_TOKENS": "100000"}
+    with running_server(env) as url:
+        result = {}
+
+        def call():
+            r = httpx.post(f"{url}/tasks/base/infer", json=LONG, timeout=120)
+            result["status"], result["body"], result["at"] = r.status_code, r.json(), time.monotonic()
+
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(0.8)  # the request is in flight
+        pid = _server_pid(url)
+        os.kill(pid, signal.SIGTERM)
+        sent = time.monotonic()
+        t.join(120)
+        assert result["status"] == 200 and result["at"] > sent  # it was still running at SIGTERM
+        assert len(result["body"]["outputs"]) == 32
+        assert all(o["finish_reason"] in ("length", "stop") for o in result["body"]["outputs"])
+        deadline = time.monotonic() + 30
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid)  # and then the server stopped
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
