@@ -12,7 +12,7 @@ import re
 import time
 import uuid
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 access = logging.getLogger("frozenlm.access")
@@ -36,16 +36,35 @@ def configure(level: int = logging.INFO) -> None:
     root.setLevel(level)
 
 
-def install(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def request_id(request: Request, call_next):
-        given = request.headers.get("x-request-id", "")
+class RequestIdMiddleware:
+    """Pure ASGI (not BaseHTTPMiddleware), so streaming and client-disconnect detection pass through."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = given if _SANE_ID.match(given) else uuid.uuid4().hex[:16]
-        start = time.monotonic()
-        response = await call_next(request)
-        response.headers["X-Request-ID"] = rid
-        access.info("%s %s %d", request.method, request.url.path, response.status_code,
-                    extra={"fields": {"request_id": rid, "method": request.method, "path": request.url.path,
-                                      "status": response.status_code,
-                                      "ms": round((time.monotonic() - start) * 1e3, 2)}})
-        return response
+        start, status = time.monotonic(), 0
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            path = scope.get("path", "")
+            access.info("%s %s %d", scope.get("method"), path, status,
+                        extra={"fields": {"request_id": rid, "method": scope.get("method"), "path": path,
+                                          "status": status, "ms": round((time.monotonic() - start) * 1e3, 2)}})
+
+
+def install(app: FastAPI) -> None:
+    app.add_middleware(RequestIdMiddleware)
