@@ -80,16 +80,61 @@ def test_base_task_answers_and_is_reserved(app_client):
     assert app_client.delete("/tasks/base", headers=ADMIN).status_code == 409
 
 
-def _bad_zip():
+def _zip(entries: dict[str, bytes], link: str | None = None) -> bytes:
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("../evil", b"x")
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+        if link:
+            info = zipfile.ZipInfo(link)
+            info.external_attr = 0o120777 << 16  # a symlink
+            z.writestr(info, "/etc/passwd")
     return buf.getvalue()
+
+
+def _tar(entries: dict[str, bytes], special: str | None = None) -> bytes:
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        if special:
+            info = tarfile.TarInfo(special)
+            info.type = tarfile.SYMTYPE if special == "link" else tarfile.CHRTYPE
+            info.linkname = "/etc/passwd"
+            t.addfile(info)
+    return buf.getvalue()
+
+
+def _hostile(kind: str, tiny) -> bytes:
+    good = read_artifact(_artifact(tiny))
+    return {
+        "dotdot": lambda: _zip({**good, "../evil": b"x"}),
+        "absolute": lambda: _zip({**good, "/etc/cron.d/evil": b"x"}),
+        "zip_link": lambda: _zip(good, link="weights.link"),
+        "tar_link": lambda: _tar(good, special="link"),
+        "tar_device": lambda: _tar(good, special="dev"),
+        "too_many_files": lambda: _zip({**good, **{f"f{i}": b"" for i in range(80)}}),
+        "zip_bomb": lambda: _zip({**good, "zeros": bytes(20_000_000)}),  # 20 kB packed, 20 MB unpacked
+        "pickle_only": lambda: _zip({"module.json": good["module.json"], "weights.pt": b"\x80\x04."}),
+        "no_manifest": lambda: _zip({"weights.safetensors": good["weights.safetensors"]}),
+    }[kind]()
 
 
 @pytest.mark.parametrize("name,body,status,code", [
     ("t", b"not an archive", 422, "invalid_artifact"),
-    ("t", "bad_zip", 422, "invalid_artifact"),
+    ("t", "dotdot", 422, "invalid_artifact"),
+    ("t", "absolute", 422, "invalid_artifact"),
+    ("t", "zip_link", 422, "invalid_artifact"),
+    ("t", "tar_link", 422, "invalid_artifact"),
+    ("t", "tar_device", 422, "invalid_artifact"),
+    ("t", "too_many_files", 422, "invalid_artifact"),
+    ("t", "zip_bomb", 413, "artifact_too_large"),
+    ("t", "pickle_only", 422, "invalid_artifact"),
+    ("t", "no_manifest", 422, "invalid_artifact"),
     ("t", "other_backbone", 409, "backbone_mismatch"),
     ("Bad/Name", "good", 404, None),  # a slash is another route
     ("UPPER", "good", 422, "invalid_name"),
@@ -99,8 +144,12 @@ def _bad_zip():
 def test_refused_uploads_leave_the_store_unchanged(app_client, tiny, tmp_path, name, body, status, code):
     assert app_client.put("/tasks/keep", content=_artifact(tiny), headers=ADMIN).status_code == 201
     before = _snapshot(tmp_path / "store")
-    body = {"bad_zip": _bad_zip(), "good": _artifact(tiny),
-            "other_backbone": _artifact(tiny_backbone(seed=3))}.get(body, body)
+    if body == "good":
+        body = _artifact(tiny)
+    elif body == "other_backbone":
+        body = _artifact(tiny_backbone(seed=3))
+    elif isinstance(body, str):
+        body = _hostile(body, tiny)
     r = app_client.put(f"/tasks/{name}", content=body, headers=ADMIN)
     assert r.status_code == status, r.text
     if code:

@@ -1,0 +1,64 @@
+"""The async client in-process (httpx.ASGITransport), its error family, and the import direction."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from clients import AsyncClient, Conflict, FrozenLMError, InvalidRequest, NotFound, Unauthorized
+from modules.base import kind_class
+from service.app import create_app
+from service.config import Settings
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny):
+    cfg = Settings(store_dir=tmp_path_factory.mktemp("store"), examples=False, admin_key="k", _env_file=None)
+    app = create_app(cfg, backbone=tiny)
+    app.state.runtime.load()  # what the lifespan does (ASGITransport does not run it)
+    yield app
+    app.state.runtime.stop()
+
+
+@pytest.mark.anyio
+async def test_async_client_round_trip_and_errors(app, tiny):
+    art = kind_class("prompt").new(tiny, {"num_virtual_tokens": 2}, labels={"a": " a", "b": " b"}).to_artifact()
+    transport = httpx.ASGITransport(app=app)
+    async with AsyncClient("http://test", api_key="k", transport=transport) as c:
+        assert await c.ready()
+        up = await c.upload("cls", art)
+        assert (up.name, up.version, up.kind) == ("cls", 1, "prompt")
+        tasks = await c.list_tasks()
+        assert [t.name for t in tasks] == ["cls"] and tasks[0].status == "ready"
+        res = await c.infer("cls", ["x", "y"])
+        assert res.task == "cls" and [o.label in ("a", "b") for o in res.outputs] == [True, True]
+        assert abs(sum(res.outputs[0].scores.values()) - 1) < 1e-5
+        gen = await c.infer("base", "hi", max_new_tokens=3)
+        assert gen.outputs[0].label is None and gen.usage["completion_tokens"] <= 3
+        with pytest.raises(NotFound) as e:
+            await c.infer("missing", "x")
+        assert (e.value.status, e.value.code) == (404, "task_not_found") and isinstance(e.value, FrozenLMError)
+        with pytest.raises(InvalidRequest):
+            await c.infer("base", "x", temperature=-1)
+        with pytest.raises(Conflict):
+            await c.upload("base", art)
+        await c.delete("cls")
+        assert await c.list_tasks() == []
+    async with AsyncClient("http://test", transport=httpx.ASGITransport(app=app)) as anonymous:
+        with pytest.raises(Unauthorized):
+            await anonymous.upload("cls", art)
+
+
+def test_clients_never_import_torch_and_modules_never_import_service():
+    code = ("import sys, clients, clients.cli; assert 'torch' not in sys.modules, 'clients imported torch'; "
+            "import modules.base, modules.prompt, modules.lora, modules.prefix, modules.train; "
+            "assert not [m for m in sys.modules if m == 'service' or m.startswith('service.')], 'modules imported service'")
+    subprocess.run([sys.executable, "-c", code], check=True)
