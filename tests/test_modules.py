@@ -68,6 +68,7 @@ def _files(tiny, manifest_patch=None, tensors=None):
     ({"template": "no placeholder"}, "{input}"),
     ({"format": "frozenlm.module/9"}, "format"),
     ({"config": {"num_virtual_tokens": 5, "bogus": 1}}, "invalid prompt config"),
+    ({"config": {"num_virtual_tokens": 100000}}, "less than or equal to 512"),  # the cap on virtual tokens
     ({"labels": {"only": " one"}}, "at least two labels"),
 ])
 def test_bad_manifests_are_refused(tiny, patch, needle):
@@ -132,3 +133,10 @@ def test_pack_is_reproducible_and_accepts_a_folder_zip(tiny):
     assert pack(files) == pack(dict(reversed(list(files.items()))))
     nested = read_artifact(pack({f"mymodule/{k}": v for k, v in files.items()}))
     assert load_module(nested, tiny).kind == "prompt"
+
+
+def test_lora_rank_is_capped(tiny):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="less than or equal to 256"):
+        kind_class("lora").Config(r=1024)
