@@ -180,9 +180,20 @@ class TaskModule(nn.Module):
 
     # --- what the engine asks ----------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of the rendered template for one request text."""
-        return encode_template(self.tokenizer, self.manifest.template, self.manifest.chat, text)
+    def encode(self, text: str | list[dict]) -> list[int]:
+        """Token ids of the rendered template for one request: a text, or chat messages
+        ([{"role", "content"}], the last one the user's). The template renders the last user
+        message; a chat task keeps the earlier turns, any other task reads the last message only."""
+        if isinstance(text, str):
+            return encode_template(self.tokenizer, self.manifest.template, self.manifest.chat, text)
+        if not text or text[-1].get("role") != "user":
+            raise ValueError("the last chat message must be the user's")
+        last = self.manifest.template.replace("{input}", text[-1]["content"])
+        if not self.manifest.chat:
+            return self.tokenizer(last)["input_ids"]
+        messages = [*text[:-1], {"role": "user", "content": last}]
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def contribution(self, ids: list[int]) -> Contribution:
         """What this module adds to a backbone pass for a row with these token ids."""

@@ -63,6 +63,7 @@ class Sampling:
     top_k: int = 0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # generate max_new_tokens whatever comes (benchmarks: equal work per row)
 
 
 @dataclass
@@ -119,7 +120,7 @@ class _RowState:
         if self.item.stop_requested is not None and self.item.stop_requested():
             self.finish = "cancelled"
             return
-        if tok in self.eos:
+        if tok in self.eos and not s.ignore_eos:
             self.finish = "stop"
         else:
             self.ids.append(tok)

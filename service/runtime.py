@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from service import metrics
 from service.config import Settings
 from service.errors import Invalid, Timeout, TooLarge, Unavailable
-from service.schemas import InferRequest, InferResponse, Output, TaskOut, Uploaded, Usage
+from service.schemas import InferParameters, InferResponse, Output, TaskOut, Uploaded, Usage
 from service.scheduler import Job, Scheduler
 
 log = logging.getLogger("frozenlm.runtime")
@@ -132,18 +132,18 @@ class Runtime:
 
     # --- inference ---------------------------------------------------------------------------
 
-    def _jobs(self, module, texts: list[str], req: InferRequest, on_text=None) -> list[Job]:
+    def _jobs(self, module, inputs: list, p: InferParameters, on_text=None) -> list[Job]:
         """Tokenize and check limits (runs in the thread pool)."""
         from modules.decode import Sampling
 
-        s, p, gen = self.settings, req.parameters, module.manifest.generation
+        s, gen = self.settings, module.manifest.generation
         if p.max_new_tokens is not None and p.max_new_tokens > s.max_new_tokens:
             raise Invalid(f"max_new_tokens {p.max_new_tokens} is above the limit {s.max_new_tokens}",
                           code="limit_exceeded")
         max_new = p.max_new_tokens or min(gen.max_new_tokens, s.max_new_tokens)
         jobs = []
-        for text in texts:
-            ids = module.encode(text)
+        for one in inputs:
+            ids = module.encode(one)
             virtual = module.num_virtual_tokens
             if len(ids) + virtual > s.max_input_tokens:
                 raise TooLarge(f"input is {len(ids)} tokens; the limit is {s.max_input_tokens - virtual}",
@@ -204,51 +204,48 @@ class Runtime:
                              usage=Usage(prompt_tokens=sum(len(j.ids) for j in jobs), completion_tokens=completion),
                              timings_ms={k: round(v, 2) for k, v in timings.items()})
 
-    async def infer(self, name: str, req: InferRequest, disconnected=None) -> InferResponse:
+    async def infer(self, name: str, inputs: list, params: InferParameters, disconnected=None) -> InferResponse:
+        """Run a task on inputs (texts, or chat message lists) and wait for every answer."""
         self._require_ready()
         t0 = time.monotonic()
         resolved = await run_in_threadpool(self.registry.resolve, name)
-        texts = [req.inputs] if isinstance(req.inputs, str) else req.inputs
         with metrics.track(resolved.name, resolved.module.kind):
-            jobs = await run_in_threadpool(self._jobs, resolved.module, texts, req)
+            jobs = await run_in_threadpool(self._jobs, resolved.module, inputs, params)
             results = await self._run(jobs, disconnected)
         return self._response(resolved, jobs, results, t0)
 
-    async def infer_stream(self, name: str, req: InferRequest) -> AsyncIterator[dict]:
-        """Server-sent events: {"text": piece} per new piece, then a final `done` event."""
+    async def stream(self, name: str, one_input, params: InferParameters) -> AsyncIterator[tuple[str, object]]:
+        """Run a task on one input, streaming: ("text", piece) per new piece, then ("done", response)
+        or ("error", {"code", "message"}). Errors before the first event raise as usual."""
         self._require_ready()
-        if not isinstance(req.inputs, str):
-            raise Invalid("streaming takes a single input text", code="invalid_request")
         t0 = time.monotonic()
         resolved = await run_in_threadpool(self.registry.resolve, name)
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
-        jobs = await run_in_threadpool(self._jobs, resolved.module, [req.inputs], req,
+        jobs = await run_in_threadpool(self._jobs, resolved.module, [one_input], params,
                                        lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
         task = asyncio.ensure_future(self._run(jobs))
 
-        async def events() -> AsyncIterator[dict]:
+        async def events() -> AsyncIterator[tuple[str, object]]:
             try:
                 with metrics.track(resolved.name, resolved.module.kind):
                     while not (task.done() and pieces.empty()):
                         getter = asyncio.ensure_future(pieces.get())
                         await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
                         if getter.done():
-                            yield {"data": json.dumps({"text": getter.result()})}
+                            yield "text", getter.result()
                         else:
                             getter.cancel()
                     results = task.result()
-                final = self._response(resolved, jobs, results, t0)
-                yield {"event": "done", "data": final.model_dump_json()}
+                yield "done", self._response(resolved, jobs, results, t0)
             except Exception as e:  # noqa: BLE001 - the status line is sent already: report in-band
                 from service.errors import ServiceError
 
                 known = isinstance(e, ServiceError)
                 if not known:
                     log.exception("stream for task %s failed", name)
-                error = {"code": e.code if known else "internal_error",
-                         "message": e.message if known else "internal server error"}
-                yield {"event": "error", "data": json.dumps({"error": error})}
+                yield "error", {"code": e.code if known else "internal_error",
+                                "message": e.message if known else "internal server error"}
             finally:
                 task.cancel()
 

@@ -226,3 +226,28 @@ def test_streaming_over_http_returns_the_plain_text(server, admin):
                 else:
                     pieces.append(data["text"])
     assert len(pieces) > 3 and "".join(pieces) == plain == done["outputs"][0]["text"]
+
+
+def test_the_openai_package_works_unchanged(server, admin):
+    from openai import OpenAI
+
+    from tests.conftest import INTEGRATION_ADMIN_KEY
+
+    client = OpenAI(base_url=f"{server[0]}/v1", api_key=INTEGRATION_ADMIN_KEY, max_retries=0)
+    ids = [m.id for m in client.models.list()]
+    assert "base" in ids and "sst2" in ids
+
+    text = "Name the largest planet."
+    done = client.completions.create(model="base", prompt=text, max_tokens=12, temperature=0)
+    assert done.choices[0].text == admin.infer("base", text, max_new_tokens=12).outputs[0].text
+    assert done.usage.completion_tokens > 0
+
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = client.chat.completions.create(model="base", messages=msgs, max_tokens=20, temperature=0)
+    answer = chat.choices[0].message.content
+    assert "Paris" in answer and chat.choices[0].finish_reason in ("stop", "length")
+    stream = client.chat.completions.create(model="base", messages=msgs, max_tokens=20, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == answer
+
+    label = client.completions.create(model="sst2", prompt="a gorgeous , witty , deeply moving film .")
+    assert label.choices[0].text == "positive"

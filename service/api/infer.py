@@ -1,7 +1,10 @@
+import json
+
 from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
 
 from service.api.deps import InferDep, RuntimeDep
+from service.errors import Invalid
 from service.schemas import InferRequest, InferResponse
 
 router = APIRouter(tags=["inference"])
@@ -14,5 +17,20 @@ router = APIRouter(tags=["inference"])
                               "description": "JSON, or server-sent events when stream is true"}})
 async def infer(name: str, req: InferRequest, rt: RuntimeDep, request: Request):
     if req.stream:
-        return EventSourceResponse(await rt.infer_stream(name, req))
-    return await rt.infer(name, req, disconnected=request.is_disconnected)
+        if not isinstance(req.inputs, str):
+            raise Invalid("streaming takes a single input text", code="invalid_request")
+        events = await rt.stream(name, req.inputs, req.parameters)
+        return EventSourceResponse(_sse(events))
+    inputs = [req.inputs] if isinstance(req.inputs, str) else req.inputs
+    return await rt.infer(name, inputs, req.parameters, disconnected=request.is_disconnected)
+
+
+async def _sse(events):
+    """{"text": piece} per piece, then an event `done` with the whole response (or `error`)."""
+    async for kind, value in events:
+        if kind == "text":
+            yield {"data": json.dumps({"text": value})}
+        elif kind == "done":
+            yield {"event": "done", "data": value.model_dump_json(exclude_none=True)}
+        else:
+            yield {"event": "error", "data": json.dumps({"error": value})}
