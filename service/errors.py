@@ -8,6 +8,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modules.artifact import ArtifactError, ArtifactTooLarge
@@ -84,8 +85,9 @@ def install(app: FastAPI) -> None:
     async def _service(_: Request, e: ServiceError):
         return JSONResponse(_body(e.code, e.message), status_code=e.status, headers=e.headers)
 
+    @app.exception_handler(ValidationError)  # a model built inside a route from request fields
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, e: RequestValidationError):
+    async def _validation(_: Request, e: RequestValidationError | ValidationError):
         parts = []
         for err in e.errors():
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
