@@ -29,6 +29,12 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_backbone(args) -> int:
+    with _client(args) as c:
+        _print(c.backbone())
+    return 0
+
+
 def cmd_tasks(args) -> int:
     with _client(args) as c:
         for t in c.list_tasks():
@@ -122,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     sub.add_parser("tasks", help="list tasks").set_defaults(func=cmd_tasks)
+    sub.add_parser("backbone", help="the server's backbone: name, sizes, fingerprint, device").set_defaults(
+        func=cmd_backbone)
     s = sub.add_parser("show", help="one task's manifest")
     s.add_argument("name")
     s.set_defaults(func=cmd_show)

@@ -9,11 +9,15 @@ Example::
         print(c.infer("sst2", "a gorgeous, witty film").outputs[0].label)
 
 Every error the server answers raises a `FrozenLMError` subclass carrying the server's status,
-code and message. Pass `transport=httpx.ASGITransport(app)` to talk to an app in-process.
+code and message. 429 and 503 are retried (`retries` times, default 3), waiting what the server's
+`Retry-After` says or else backing off exponentially. Pass `transport=httpx.ASGITransport(app)` to
+talk to an app in-process.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,19 +126,32 @@ def _artifact_bytes(artifact: bytes | str | Path) -> bytes:
     return artifact if isinstance(artifact, bytes) else Path(artifact).read_bytes()
 
 
+RETRY_STATUSES = (429, 503)
+
+
 class _Base:
-    def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 120.0):
+    def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 120.0,
+                 retries: int = 3, backoff: float = 0.5):
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = httpx.Timeout(timeout, connect=10.0)
+        self.retries, self.backoff = retries, backoff
+
+    def _delay(self, resp: httpx.Response, attempt: int) -> float | None:
+        """Seconds to wait before retrying `resp` (429/503: the server's Retry-After, else exponential
+        backoff), or None when it is final."""
+        if resp.status_code not in RETRY_STATUSES or attempt >= self.retries:
+            return None
+        after = resp.headers.get("retry-after", "")
+        return min(float(after), 60.0) if after.replace(".", "", 1).isdigit() else self.backoff * 2 ** attempt
 
 
 class Client(_Base):
     """Synchronous client; use as a context manager or call `close()`."""
 
     def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 120.0,
-                 transport: httpx.BaseTransport | None = None):
-        super().__init__(url, api_key, timeout)
+                 transport: httpx.BaseTransport | None = None, retries: int = 3, backoff: float = 0.5):
+        super().__init__(url, api_key, timeout, retries, backoff)
         self._http = httpx.Client(base_url=self.url, headers=self.headers, timeout=self.timeout,
                                   transport=transport)
 
@@ -148,10 +165,15 @@ class Client(_Base):
         self._http.close()
 
     def _request(self, method: str, path: str, **kw) -> httpx.Response:
-        try:
-            resp = self._http.request(method, path, **kw)
-        except httpx.TransportError as e:
-            raise FrozenLMError(0, "transport_error", str(e)) from e
+        for attempt in range(self.retries + 1):
+            try:
+                resp = self._http.request(method, path, **kw)
+            except httpx.TransportError as e:
+                raise FrozenLMError(0, "transport_error", str(e)) from e
+            delay = self._delay(resp, attempt)
+            if delay is None:
+                break
+            time.sleep(delay)
         _raise_for(resp)
         return resp
 
@@ -187,8 +209,8 @@ class AsyncClient(_Base):
     """Asynchronous client with the same methods as `Client`, awaited."""
 
     def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 120.0,
-                 transport: httpx.AsyncBaseTransport | None = None):
-        super().__init__(url, api_key, timeout)
+                 transport: httpx.AsyncBaseTransport | None = None, retries: int = 3, backoff: float = 0.5):
+        super().__init__(url, api_key, timeout, retries, backoff)
         self._http = httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=self.timeout,
                                        transport=transport)
 
@@ -202,10 +224,15 @@ class AsyncClient(_Base):
         await self._http.aclose()
 
     async def _request(self, method: str, path: str, **kw) -> httpx.Response:
-        try:
-            resp = await self._http.request(method, path, **kw)
-        except httpx.TransportError as e:
-            raise FrozenLMError(0, "transport_error", str(e)) from e
+        for attempt in range(self.retries + 1):
+            try:
+                resp = await self._http.request(method, path, **kw)
+            except httpx.TransportError as e:
+                raise FrozenLMError(0, "transport_error", str(e)) from e
+            delay = self._delay(resp, attempt)
+            if delay is None:
+                break
+            await asyncio.sleep(delay)
         _raise_for(resp)
         return resp
 

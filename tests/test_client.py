@@ -62,3 +62,47 @@ def test_clients_never_import_torch_and_modules_never_import_service():
             "import modules.base, modules.prompt, modules.lora, modules.prefix, modules.train; "
             "assert not [m for m in sys.modules if m == 'service' or m.startswith('service.')], 'modules imported service'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_429_and_503_are_retried_honouring_retry_after(monkeypatch):
+    from clients import Client, Overloaded
+
+    answers = [httpx.Response(429, headers={"Retry-After": "2"}, json={"error": {"code": "queue_full", "message": "m"}}),
+               httpx.Response(503, json={"error": {"code": "not_ready", "message": "m"}}),
+               httpx.Response(200, json={"status": "ok", "tasks": []})]
+    calls, slept = [], []
+
+    def handler(request):
+        calls.append(request.url.path)
+        return answers[len(calls) - 1]
+
+    monkeypatch.setattr("clients.client.time.sleep", slept.append)
+    with Client("http://test", transport=httpx.MockTransport(handler), backoff=0.25) as c:
+        assert c.list_tasks() == []
+    assert len(calls) == 3 and slept == [2.0, 0.5]  # Retry-After, then backoff 0.25 * 2**1
+    calls.clear()
+    answers[:] = [httpx.Response(429, json={"error": {"code": "queue_full", "message": "m"}})] * 5
+    with Client("http://test", transport=httpx.MockTransport(handler), retries=2) as c, pytest.raises(Overloaded):
+        c.list_tasks()
+    assert len(calls) == 3  # the first try and two retries
+
+
+def test_cli_talks_to_a_server(tiny_served, tmp_path, capsys):
+    from clients.cli import main as cli
+
+    folder, bb = tiny_served
+    art = tmp_path / "m.zip"
+    art.write_bytes(kind_class("prompt").new(bb, {"num_virtual_tokens": 2}, labels={"a": " a", "b": " b"}).to_artifact())
+    from service.testing import running_server
+
+    env = {"FROZENLM_BACKBONE": str(folder), "FROZENLM_STORE_DIR": str(tmp_path / "s"), "FROZENLM_EXAMPLES": "false"}
+    with running_server(env) as url:
+        assert cli(["--url", url, "upload", "cls", str(art)]) == 0
+        assert "uploaded cls v1 (prompt" in capsys.readouterr().out
+        assert cli(["--url", url, "tasks"]) == 0 and "cls" in capsys.readouterr().out
+        assert cli(["--url", url, "infer", "cls", "hello"]) == 0
+        assert capsys.readouterr().out.split("\t")[0] in ("a", "b")
+        assert cli(["--url", url, "backbone"]) == 0 and bb.info.fingerprint in capsys.readouterr().out
+        assert cli(["--url", url, "infer", "nope", "x"]) == 1
+        assert "404 task_not_found" in capsys.readouterr().err
+        assert cli(["--url", url, "delete", "cls"]) == 0
