@@ -122,6 +122,11 @@ def _infer_body(inputs, params: dict) -> dict:
     return {"inputs": inputs, "parameters": params, "stream": False}
 
 
+def _task_header(name: str) -> dict[str, str]:
+    """Ray Serve routes a request carrying it to a replica that has the task's module loaded."""
+    return {"serve_multiplexed_model_id": name}
+
+
 def _artifact_bytes(artifact: bytes | str | Path) -> bytes:
     return artifact if isinstance(artifact, bytes) else Path(artifact).read_bytes()
 
@@ -201,7 +206,8 @@ class Client(_Base):
         self._request("DELETE", f"/tasks/{name}")
 
     def infer(self, name: str, inputs: str | list[str], **parameters) -> InferResult:
-        r = self._request("POST", f"/tasks/{name}/infer", json=_infer_body(inputs, parameters))
+        r = self._request("POST", f"/tasks/{name}/infer", json=_infer_body(inputs, parameters),
+                          headers=_task_header(name))
         return InferResult.of(r.json())
 
 
@@ -260,5 +266,6 @@ class AsyncClient(_Base):
         await self._request("DELETE", f"/tasks/{name}")
 
     async def infer(self, name: str, inputs: str | list[str], **parameters) -> InferResult:
-        r = await self._request("POST", f"/tasks/{name}/infer", json=_infer_body(inputs, parameters))
+        r = await self._request("POST", f"/tasks/{name}/infer", json=_infer_body(inputs, parameters),
+                                headers=_task_header(name))
         return InferResult.of(r.json())

@@ -40,3 +40,4 @@ class Settings(BaseSettings):
     host_cache_bytes: int = Field(4 << 30, description="Byte budget of the CPU tier behind the device cache.")
     pinned: list[str] = Field(default_factory=list, description='Tasks never evicted, as JSON: ["sst2"].')
     threads: int = Field(0, description="torch CPU threads; 0 = torch's default.")
+    ray_replicas: int = Field(2, ge=1, description="Replicas of `python -m service.ray_serve` (one backbone each).")
