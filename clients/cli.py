@@ -29,6 +29,13 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_health(args) -> int:
+    with _client(args) as c:
+        ready = c.ready()
+    print("ready" if ready else "not ready")
+    return 0 if ready else 1
+
+
 def cmd_backbone(args) -> int:
     with _client(args) as c:
         _print(c.backbone())
@@ -51,7 +58,7 @@ def cmd_show(args) -> int:
 
 def cmd_upload(args) -> int:
     with _client(args) as c:
-        up = c.upload(args.name, args.file)
+        up = c.upload(args.name, args.file, progress=sys.stderr.isatty())
     print(f"uploaded {up.name} v{up.version} ({up.kind}, {up.size_bytes} bytes, sha256 {up.sha256[:12]})")
     return 0
 
@@ -127,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int)
     s.set_defaults(func=cmd_serve)
 
+    sub.add_parser("health", help="exit 0 when the server is ready (GET /readyz)").set_defaults(func=cmd_health)
     sub.add_parser("tasks", help="list tasks").set_defaults(func=cmd_tasks)
     sub.add_parser("backbone", help="the server's backbone: name, sizes, fingerprint, device").set_defaults(
         func=cmd_backbone)

@@ -131,6 +131,16 @@ def _artifact_bytes(artifact: bytes | str | Path) -> bytes:
     return artifact if isinstance(artifact, bytes) else Path(artifact).read_bytes()
 
 
+def _with_progress(data: bytes, chunk: int = 1 << 16):
+    """The bytes in chunks, with a progress bar on stderr (the upload is sent chunked)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(data), unit="B", unit_scale=True, desc="upload") as bar:
+        for i in range(0, len(data), chunk):
+            yield data[i:i + chunk]
+            bar.update(min(chunk, len(data) - i))
+
+
 RETRY_STATUSES = (429, 503)
 
 
@@ -197,8 +207,10 @@ class Client(_Base):
     def get_task(self, name: str) -> TaskInfo:
         return TaskInfo.of(self._request("GET", f"/tasks/{name}").json())
 
-    def upload(self, name: str, artifact: bytes | str | Path) -> Uploaded:
-        r = self._request("PUT", f"/tasks/{name}", content=_artifact_bytes(artifact),
+    def upload(self, name: str, artifact: bytes | str | Path, progress: bool = False) -> Uploaded:
+        """Upload (or replace) a module: artifact bytes or a file path; `progress` shows a bar."""
+        data = _artifact_bytes(artifact)
+        r = self._request("PUT", f"/tasks/{name}", content=_with_progress(data) if progress else data,
                           headers={"Content-Type": "application/octet-stream"})
         return Uploaded(**r.json())
 

@@ -103,6 +103,38 @@ def test_cli_talks_to_a_server(tiny_served, tmp_path, capsys):
         assert cli(["--url", url, "infer", "cls", "hello"]) == 0
         assert capsys.readouterr().out.split("\t")[0] in ("a", "b")
         assert cli(["--url", url, "backbone"]) == 0 and bb.info.fingerprint in capsys.readouterr().out
+        assert cli(["--url", url, "health"]) == 0 and capsys.readouterr().out.strip() == "ready"
         assert cli(["--url", url, "infer", "nope", "x"]) == 1
         assert "404 task_not_found" in capsys.readouterr().err
         assert cli(["--url", url, "delete", "cls"]) == 0
+
+
+def test_public_names_of_the_client():
+    import clients
+
+    assert sorted(clients.__all__) == ["AsyncClient", "Client", "Conflict", "FrozenLMError", "InferResult",
+                                       "InvalidRequest", "NotFound", "Output", "Overloaded", "TaskInfo",
+                                       "Unauthorized", "Uploaded"]
+    for name in clients.__all__:
+        assert getattr(clients, name).__module__ == "clients.client"
+    for cls in (clients.NotFound, clients.InvalidRequest, clients.Conflict, clients.Overloaded, clients.Unauthorized):
+        assert issubclass(cls, clients.FrozenLMError)
+    for method in ("ready", "backbone", "list_tasks", "get_task", "upload", "delete", "infer"):
+        assert callable(getattr(clients.Client, method)) and callable(getattr(clients.AsyncClient, method))
+
+
+def test_upload_with_progress_sends_the_same_bytes(capsys):
+    from clients import Client
+
+    got = {}
+
+    def handler(request):
+        got["body"] = request.read()
+        return httpx.Response(201, json={"name": "t", "version": 1, "kind": "prompt", "sha256": "x",
+                                         "size_bytes": len(got["body"])})
+
+    data = bytes(range(256)) * 1000
+    with Client("http://test", transport=httpx.MockTransport(handler)) as c:
+        assert c.upload("t", data, progress=True).size_bytes == len(data)
+    assert got["body"] == data
+    assert "upload" in capsys.readouterr().err

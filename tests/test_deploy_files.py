@@ -256,7 +256,7 @@ def _compose_cli() -> list[str] | None:
     return None
 
 
-@pytest.mark.parametrize("profile", [[], ["--profile", "gpu"]], ids=["default", "gpu"])
+@pytest.mark.parametrize("profile", [[], ["--profile", "gpu"], ["--profile", "ray"]], ids=["default", "gpu", "ray"])
 def test_compose_config_validates(profile):
     cli = _compose_cli()
     if cli is None:
