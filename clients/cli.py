@@ -36,6 +36,12 @@ def cmd_health(args) -> int:
     return 0 if ready else 1
 
 
+def cmd_metrics(args) -> int:
+    with _client(args) as c:
+        print(c.metrics(), end="")
+    return 0
+
+
 def cmd_backbone(args) -> int:
     with _client(args) as c:
         _print(c.backbone())
@@ -135,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     sub.add_parser("health", help="exit 0 when the server is ready (GET /readyz)").set_defaults(func=cmd_health)
+    sub.add_parser("metrics", help="the Prometheus metrics").set_defaults(func=cmd_metrics)
     sub.add_parser("tasks", help="list tasks").set_defaults(func=cmd_tasks)
     sub.add_parser("backbone", help="the server's backbone: name, sizes, fingerprint, device").set_defaults(
         func=cmd_backbone)

@@ -201,6 +201,10 @@ class Client(_Base):
     def backbone(self) -> dict:
         return self._request("GET", "/backbone").json()
 
+    def metrics(self) -> str:
+        """The Prometheus metrics text."""
+        return self._request("GET", "/metrics").text
+
     def list_tasks(self) -> list[TaskInfo]:
         return [TaskInfo.of(t) for t in self._request("GET", "/tasks").json()["tasks"]]
 
@@ -262,6 +266,9 @@ class AsyncClient(_Base):
 
     async def backbone(self) -> dict:
         return (await self._request("GET", "/backbone")).json()
+
+    async def metrics(self) -> str:
+        return (await self._request("GET", "/metrics")).text
 
     async def list_tasks(self) -> list[TaskInfo]:
         return [TaskInfo.of(t) for t in (await self._request("GET", "/tasks")).json()["tasks"]]

@@ -104,6 +104,7 @@ def test_cli_talks_to_a_server(tiny_served, tmp_path, capsys):
         assert capsys.readouterr().out.split("\t")[0] in ("a", "b")
         assert cli(["--url", url, "backbone"]) == 0 and bb.info.fingerprint in capsys.readouterr().out
         assert cli(["--url", url, "health"]) == 0 and capsys.readouterr().out.strip() == "ready"
+        assert cli(["--url", url, "metrics"]) == 0 and "frozenlm_requests_total" in capsys.readouterr().out
         assert cli(["--url", url, "infer", "nope", "x"]) == 1
         assert "404 task_not_found" in capsys.readouterr().err
         assert cli(["--url", url, "delete", "cls"]) == 0
@@ -119,7 +120,7 @@ def test_public_names_of_the_client():
         assert getattr(clients, name).__module__ == "clients.client"
     for cls in (clients.NotFound, clients.InvalidRequest, clients.Conflict, clients.Overloaded, clients.Unauthorized):
         assert issubclass(cls, clients.FrozenLMError)
-    for method in ("ready", "backbone", "list_tasks", "get_task", "upload", "delete", "infer"):
+    for method in ("ready", "backbone", "metrics", "list_tasks", "get_task", "upload", "delete", "infer"):
         assert callable(getattr(clients.Client, method)) and callable(getattr(clients.AsyncClient, method))
 
 
