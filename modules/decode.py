@@ -99,12 +99,16 @@ def _pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int
 
 
 class _RowState:
+    """One row's generated tokens and text. Text is detokenized incrementally (a window from the
+    last stable point, as TGI and vLLM do), so a long generation costs O(n), not O(n^2)."""
+
     def __init__(self, item: GenItem, tokenizer, eos: set[int]):
         self.item, self.tokenizer, self.eos = item, tokenizer, eos
         self.ids: list[int] = []
         self.text = ""
         self.emitted = 0
         self.finish: str | None = None
+        self._prefix = self._read = 0  # ids[_prefix:_read] decode to the end of `text`
         self.gen = None
         if item.sampling.temperature > 0:
             self.gen = torch.Generator()
@@ -115,22 +119,32 @@ class _RowState:
         # A stop string may span tokens: hold back that much text while streaming.
         self.holdback = max((len(s) for s in item.sampling.stop), default=1) - 1
 
+    def _detokenize(self, final: bool) -> None:
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before = decode(self.ids[self._prefix:self._read])
+        after = decode(self.ids[self._prefix:])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):  # a whole character more
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self.ids)
+
     def push(self, tok: int) -> None:
         s = self.item.sampling
         if self.item.stop_requested is not None and self.item.stop_requested():
             self.finish = "cancelled"
             return
+        seen = len(self.text)
         if tok in self.eos and not s.ignore_eos:
             self.finish = "stop"
+            self._detokenize(final=True)  # a character still incomplete comes out as is
         else:
             self.ids.append(tok)
-            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-            for stop in s.stop:
-                at = self.text.find(stop)
-                if at >= 0:
-                    self.text, self.finish = self.text[:at], "stop"
-            if self.finish is None and len(self.ids) >= s.max_new_tokens:
-                self.finish = "length"
+            self._detokenize(final=len(self.ids) >= s.max_new_tokens)
+        for stop in s.stop:  # look where a stop string could have just completed
+            at = self.text.find(stop, max(0, seen - len(stop) + 1))
+            if at >= 0:
+                self.text, self.finish = self.text[:at], "stop"
+        if self.finish is None and len(self.ids) >= s.max_new_tokens:
+            self.finish = "length"
         self._stream()
 
     def _stream(self) -> None:

@@ -136,3 +136,22 @@ def test_streamed_pieces_add_up_to_the_text(tiny):
     ids = m.encode("stream me")
     g = generate(tiny, [GenItem(ids, Contribution(), Sampling(max_new_tokens=15, stop=["zz"]), pieces.append)])[0]
     assert "".join(pieces) == g.text
+
+
+def test_incremental_text_equals_a_full_decode(tiny):
+    """Random token streams (special tokens and split UTF-8 characters included): the text built a
+    window at a time, and the streamed pieces, equal decoding everything at once."""
+    import random
+
+    from modules.decode import _RowState
+
+    rng = random.Random(0)
+    tok = tiny.tokenizer
+    for _ in range(200):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randint(1, 40))]
+        pieces: list[str] = []
+        row = _RowState(GenItem([], Contribution(), Sampling(max_new_tokens=len(ids)), pieces.append), tok, set())
+        for t in ids:
+            row.push(t)
+        full = tok.decode(ids, skip_special_tokens=True)
+        assert row.text == full == "".join(pieces) and row.finish == "length"
