@@ -63,7 +63,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 class ModuleStore:
-    """Artifacts on disk. Thread-safe; names are validated by the caller (see `valid_name`)."""
+    """Artifacts on disk. Thread-safe; a name that is not valid (see `valid_name`) is never a path."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -100,6 +100,8 @@ class ModuleStore:
                       if p.is_dir() and valid_name(p.name) and (p / CURRENT).is_file())
 
     def get(self, name: str) -> StoredModule | None:
+        if not valid_name(name):  # never a path outside the store ("..", "a/b")
+            return None
         folder = self.root / name
         cur = self._read_current(folder)
         if cur is None:
@@ -113,6 +115,8 @@ class ModuleStore:
 
     def put(self, name: str, data: bytes, kind: str) -> StoredModule:
         """Store `data` as the next version of `name` and make it current, atomically."""
+        if not valid_name(name):
+            raise ValueError(f"invalid task name {name!r}")
         with self._lock:
             folder = self.root / name
             folder.mkdir(exist_ok=True)
@@ -130,6 +134,8 @@ class ModuleStore:
             return StoredModule(name, version, kind, sha, len(data), path)
 
     def delete(self, name: str) -> bool:
+        if not valid_name(name):
+            return False
         with self._lock:
             folder = self.root / name
             if not (folder / CURRENT).is_file():

@@ -54,3 +54,17 @@ def test_names():
         assert valid_name(ok), ok
     for bad in ["", "A", "-x", ".x", "a/b", "..", "a b", "0" * 65, "é"]:
         assert not valid_name(bad), bad
+
+
+def test_names_never_become_paths_outside_the_store(tmp_path):
+    store = ModuleStore(tmp_path / "store")
+    (tmp_path / "current.json").write_text('{"version": 1}')  # a file the store must never read
+    for bad in ["..", ".", "../x", "a/b", ""]:
+        assert store.get(bad) is None and not store.delete(bad)
+    try:
+        store.put("..", b"x", "prompt")
+    except ValueError as e:
+        assert "invalid task name" in str(e)
+    else:
+        raise AssertionError("put accepted '..'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current.json", "store"]
