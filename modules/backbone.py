@@ -32,6 +32,10 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class _StopPass(Exception):
+    """Raised by a hook to end a forward pass early (Backbone.hidden_states)."""
+
+
 class BackboneError(RuntimeError):
     """The backbone could not be found or loaded."""
 
@@ -247,6 +251,35 @@ class Backbone:
         finally:
             self._plan = None
         return out.last_hidden_state
+
+    def hidden_states(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                      depths: set[int], cache=None, deltas=None) -> dict[int, torch.Tensor]:
+        """Hidden states after each of `depths` decoder layers, {depth: (B, T, H)}; depth
+        `num_layers` is the final one (after the final norm), a smaller depth is the raw residual
+        stream. The pass stops after the deepest layer asked for, so a shallow read is cheap."""
+        n = self.info.num_layers
+        if not depths or not all(1 <= d <= n for d in depths):
+            raise ValueError(f"depths must lie in 1..{n}, got {sorted(depths)}")
+        out: dict[int, torch.Tensor] = {}
+        deepest = max(depths)
+        layers = self.model.base_model.layers
+        handles = []
+        for d in depths - {n}:
+            def grab(_mod, _args, o, d=d):
+                out[d] = o[0] if isinstance(o, tuple) else o
+                if d == deepest:
+                    raise _StopPass
+            handles.append(layers[d - 1].register_forward_hook(grab))
+        try:
+            final = self.forward(embeds, mask, positions, cache, deltas)
+            if n in depths:
+                out[n] = final
+        except _StopPass:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits in float32. (..., H) -> (..., V)"""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -26,6 +26,9 @@ from torch import nn
 from modules.artifact import ArtifactError, pack, read_artifact  # noqa: F401  (re-exported)
 from modules.backbone import Backbone
 from modules.batch import Contribution
+
+if TYPE_CHECKING:
+    from modules.stages import Prepared, Probe
 
 FORMAT = "frozenlm.module/1"
 MANIFEST_FILE = "module.json"
@@ -38,6 +41,13 @@ KINDS: dict[str, str] = {
     "lora": "modules.lora:LoRAModule",
     "prefix": "modules.prefix:PrefixModule",
     "compose": "modules.compose:ComposeModule",
+    "bitfit": "modules.bitfit:BitFitModule",
+    "ia3": "modules.ia3:IA3Module",
+    "adapter": "modules.adapter:AdapterModule",
+    "said": "modules.said:SAIDModule",
+    "sparse": "modules.sparse:SparseModule",
+    "idpt": "modules.idpt:IDPTModule",
+    "recursive": "modules.recursive:RecursiveModule",
 }
 
 
@@ -126,6 +136,7 @@ class TaskModule(nn.Module):
 
     kind: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
+    vectors: ClassVar[tuple[str, ...]] = ()  # see param_groups
 
     def __init__(self, manifest: Manifest, config: BaseModel, backbone: Backbone):
         super().__init__()
@@ -197,18 +208,50 @@ class TaskModule(nn.Module):
 
     def contribution(self, ids: list[int]) -> Contribution:
         """What this module adds to a backbone pass for a row with these token ids."""
+        if self.probes:
+            raise TypeError(f"a {self.kind} row needs a probe first: use modules.stages.prepare")
         return Contribution()
+
+    def probe(self, ids: list[int]) -> "Probe | None":
+        """A backbone pass this module needs over the input before its row runs, or None (the
+        usual case). A module that probes turns the result into its row in `finish`; see
+        modules.stages, which runs the probes of a whole batch together."""
+        return None
+
+    def finish(self, ids: list[int], results: list) -> "tuple[list[int], Contribution] | Prepared":
+        """The final row from the probe's results, one per probe row: hidden states (len(row), H),
+        or the sampled texts. Returns (ids, contribution), or a Prepared to add `info`."""
+        raise NotImplementedError(f"kind {self.kind} does not probe")
+
+    @property
+    def probes(self) -> bool:
+        return type(self).probe is not TaskModule.probe
 
     @property
     def num_virtual_tokens(self) -> int:
         """Positions this module adds in front of every row (counted against the input limit)."""
         return 0
 
+    def pass_length(self, n: int) -> int:
+        """The longest backbone pass a request of `n` rendered tokens leads to (for the input limit)."""
+        return n + self.num_virtual_tokens
+
     @functools.cached_property
     def label_ids(self) -> list[list[int]]:
         """Token ids of each label's verbalizer, in the manifest's label order."""
         return [self.tokenizer(v, add_special_tokens=False)["input_ids"]
                 for v in (self.manifest.labels or {}).values()]
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer parameter groups. A kind with network weights besides vectors in the
+        embedding space (ID-PT, a connector) names the vectors in `vectors`: they take `lr`, the
+        network `lr * config.network_lr_scale` (Adam moves every weight by about the learning rate
+        per step; a soft prompt's rate would wreck a dense layer)."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if not self.vectors:
+            return [{"params": [p for _, p in named], "lr": lr}]
+        return [{"params": [p for n, p in named if n in self.vectors], "lr": lr},
+                {"params": [p for n, p in named if n not in self.vectors], "lr": lr * self.config.network_lr_scale}]
 
     @property
     def nbytes(self) -> int:

@@ -52,6 +52,8 @@ class ComposeModule(TaskModule):
         for part in config.parts:
             cls = kind_class(part.kind)
             cfg = cls.Config(**part.config)
+            if cls.probe is not TaskModule.probe:
+                raise ValueError(f"kind {part.kind} probes the input and cannot be a part of compose")
             parts.append(cls(manifest.model_copy(update={"kind": part.kind, "config": cfg.model_dump()}), cfg, backbone))
         self.parts = nn.ModuleList(parts)
 

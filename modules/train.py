@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from modules.backbone import Backbone
 from modules.base import TaskModule, kind_class
 from modules.decode import GenItem, Sampling, ScoreItem, generate, score
+from modules.stages import prepare
 
 
 @dataclass
@@ -72,6 +73,29 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
+def mix(sources: list[tuple[list[dict], float]], n: int, seed: int = 0) -> list[dict]:
+    """`n` rows drawn from several data sets with mixing weights (each set sampled without
+    replacement, cycling once exhausted), shuffled together; a row keeps its set's index in
+    `"source"`. Weights need not sum to 1."""
+    if not sources or any(w <= 0 for _, w in sources) or any(not rows for rows, _ in sources):
+        raise ValueError("mix needs non-empty data sets with positive weights")
+    rng = random.Random(seed)
+    total = sum(w for _, w in sources)
+    counts = [int(n * w / total) for _, w in sources]
+    for k in sorted(range(len(sources)), key=lambda k: -(n * sources[k][1] / total - counts[k]))[:n - sum(counts)]:
+        counts[k] += 1  # largest remainders: the counts sum to n
+    out = []
+    for k, ((rows, _), c) in enumerate(zip(sources, counts)):
+        order = []
+        while len(order) < c:
+            block = list(range(len(rows)))
+            rng.shuffle(block)
+            order += block
+        out += [{**rows[i], "source": k} for i in order[:c]]
+    rng.shuffle(out)
+    return out
+
+
 def default_labels(rows: list[dict]) -> dict[str, str] | None:
     """label -> " label" for classification data, None for generation data."""
     names = sorted({str(r["label"]) for r in rows if "label" in r})
@@ -89,12 +113,10 @@ class _Task:
         self._target = lambda t: tok(t, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
 
     def items(self, rows: list[dict]) -> list[ScoreItem]:
-        out = []
-        for r in rows:
-            ids = self.module.encode(str(r["input"]))
-            conts = self.module.label_ids if "label" in r else [self._target(str(r["target"]))]
-            out.append(ScoreItem(ids, self.module.contribution(ids), conts))
-        return out
+        prepared = prepare(self.backbone, [(self.module, self.module.encode(str(r["input"]))) for r in rows])
+        return [ScoreItem(p.ids, p.contribution,
+                          self.module.label_ids if "label" in r else [self._target(str(r["target"]))])
+                for r, p in zip(rows, prepared)]
 
     def loss(self, rows: list[dict]) -> torch.Tensor:
         lls = score(self.backbone, self.items(rows))
@@ -130,11 +152,10 @@ def evaluate(module: TaskModule, backbone: Backbone, rows: list[dict], batch_siz
         gen = module.manifest.generation
         for i in range(0, len(targeted), batch_size):
             chunk = targeted[i:i + batch_size]
-            items = []
-            for r in chunk:
-                ids = module.encode(str(r["input"]))
-                n = len(task._target(str(r["target"])))
-                items.append(GenItem(ids, module.contribution(ids), Sampling(max_new_tokens=n + 2, stop=gen.stop)))
+            prepared = prepare(backbone, [(module, module.encode(str(r["input"]))) for r in chunk])
+            items = [GenItem(p.ids, p.contribution,
+                             Sampling(max_new_tokens=len(task._target(str(r["target"]))) + 2, stop=gen.stop))
+                     for r, p in zip(chunk, prepared)]
             for r, g in zip(chunk, generate(backbone, items)):
                 hits += g.text.strip() == str(r["target"]).strip()
             bar.update(len(chunk))
@@ -146,14 +167,23 @@ def evaluate(module: TaskModule, backbone: Backbone, rows: list[dict], batch_siz
 
 def train_module(backbone: Backbone, kind: str, rows: list[dict], options: TrainOptions | None = None,
                  eval_rows: list[dict] | None = None, config: dict | None = None,
-                 **manifest_fields) -> TrainResult:
-    """Train a new module of `kind` on `rows`; return it with its metrics."""
+                 init: TaskModule | None = None, **manifest_fields) -> TrainResult:
+    """Train a new module of `kind` on `rows`; return it with its metrics.
+
+    `init`: start from this module's weights (same kind; its config is used), e.g. a recursive
+    module whose connector was pre-trained on language modelling."""
     opt = options or TrainOptions()
     torch.manual_seed(opt.seed)
     rng = random.Random(opt.seed)
     if "labels" not in manifest_fields:
         manifest_fields["labels"] = default_labels(rows)
+    if init is not None:
+        if init.kind != kind:
+            raise ValueError(f"cannot start a {kind} module from a {init.kind} module")
+        config = init.manifest.config
     module = kind_class(kind).new(backbone, config, **manifest_fields)
+    if init is not None:
+        module.load_tensors(init.tensors())
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
     task = _Task(module, backbone)
@@ -164,7 +194,7 @@ def train_module(backbone: Backbone, kind: str, rows: list[dict], options: Train
         total = by_epochs or steps_per_epoch
     else:
         total = min(opt.max_steps, by_epochs) if by_epochs else opt.max_steps
-    optim = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
+    optim = torch.optim.AdamW(module.param_groups(opt.lr), lr=opt.lr, weight_decay=opt.weight_decay)
     warm = min(opt.warmup_steps, max(1, total // 10))
     # Linear warm-up, then linear decay to 0.
     sched = torch.optim.lr_scheduler.LambdaLR(

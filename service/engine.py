@@ -15,6 +15,7 @@ import torch
 
 from modules.backbone import Backbone
 from modules.decode import GenItem, ScoreItem, generate, score
+from modules.stages import prepare
 from service.scheduler import Job, Scheduler
 
 log = logging.getLogger("frozenlm.engine")
@@ -27,8 +28,11 @@ class Scored:
 
 
 class Engine:
-    def __init__(self, backbone: Backbone, scheduler: Scheduler, on_batch=None, on_cancel=None):
+    def __init__(self, backbone: Backbone, scheduler: Scheduler, on_batch=None, on_cancel=None,
+                 lock: threading.Lock | None = None):
         self.backbone, self.scheduler = backbone, scheduler
+        # held for each batch: other threads' backbone passes (document embedding) take it too
+        self.lock = lock or threading.Lock()
         self.on_batch = on_batch    # callback(jobs, results, seconds), for metrics
         self.on_cancel = on_cancel  # callback(number of queued jobs skipped), for metrics
         self._thread = threading.Thread(target=self._loop, name="frozenlm-engine", daemon=True)
@@ -61,7 +65,7 @@ class Engine:
         for j in jobs:
             j.started = start
         try:
-            with torch.inference_mode():
+            with self.lock, torch.inference_mode():
                 results = self._compute(jobs)
         except Exception as e:  # noqa: BLE001 - every waiting request must hear about it
             log.exception("batch of %d failed", len(jobs))
@@ -77,18 +81,18 @@ class Engine:
 
     def _compute(self, jobs: list[Job]) -> list:
         results: list = [None] * len(jobs)
+        rows = prepare(self.backbone, [(j.module, j.ids) for j in jobs])  # probes of every row together
         scoring = [i for i, j in enumerate(jobs) if j.sampling is None]
         if scoring:
-            items = [ScoreItem(jobs[i].ids, jobs[i].module.contribution(jobs[i].ids), jobs[i].module.label_ids)
-                     for i in scoring]
+            items = [ScoreItem(rows[i].ids, rows[i].contribution, jobs[i].module.label_ids) for i in scoring]
             for i, ll in zip(scoring, score(self.backbone, items)):
                 names = list(jobs[i].module.manifest.labels)
                 probs = torch.softmax(ll.float(), -1).tolist()
                 results[i] = Scored(names[int(ll.argmax())], dict(zip(names, probs)))
         gen = [i for i, j in enumerate(jobs) if j.sampling is not None]
         if gen:
-            items = [GenItem(jobs[i].ids, jobs[i].module.contribution(jobs[i].ids), jobs[i].sampling,
-                             jobs[i].on_text, stop_requested=lambda j=jobs[i]: j.cancelled) for i in gen]
+            items = [GenItem(rows[i].ids, rows[i].contribution, jobs[i].sampling, jobs[i].on_text,
+                             stop_requested=lambda j=jobs[i]: j.cancelled) for i in gen]
             for i, g in zip(gen, generate(self.backbone, items)):
                 results[i] = g
         return results

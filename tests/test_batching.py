@@ -8,6 +8,7 @@ import torch
 from modules.base import NoModule, kind_class
 from modules.batch import Contribution, Row, build_pass
 from modules.decode import GenItem, Sampling, ScoreItem, generate, score
+from modules.stages import prepare
 
 TEXTS = ["a", "hello there, how are you doing today?", "xyz xyz", "the quick brown fox jumps", "0123456789" * 3,
          "zz top", "mixed batches of many tasks", "ok"]
@@ -36,20 +37,49 @@ def _modules(tiny):
     parts = [{"kind": "lora", "config": {"r": 3, "targets": ["k_proj", "gate_proj"]}},
              {"kind": "prompt", "config": {"num_virtual_tokens": 2}}, {"kind": "prefix", "config": {"num_virtual_tokens": 2}}]
     mods.append(_randomize(kind_class("compose").new(tiny, {"parts": parts}), 30, 0.5))
+    # input-dependent kinds: their probes run batched too (two depths: one stops early)
+    mods.append(_randomize(kind_class("idpt").new(tiny, {"num_virtual_tokens": 5, "encoder_layers": 1}), 40, 0.5))
+    mods.append(_randomize(kind_class("idpt").new(tiny, {"num_virtual_tokens": 3, "encoder_layers": 2,
+                                                         "encoder_prompt_tokens": 0}), 41, 0.5))
+    mods.append(_randomize(kind_class("recursive").new(tiny, {"pass1_prompt_tokens": 2, "pass2_prompt_tokens": 3}),
+                           42, 0.3))
+    mods.append(_randomize(kind_class("recursive").new(tiny, {"feed": "replace", "connector": "transformer"}),
+                           43, 0.3))
+    mods.append(_randomize(kind_class("recursive").new(tiny, {"mode": "textual", "pass1_prompt_tokens": 2,
+                                                              "candidates": 2, "candidate_tokens": 4}), 44, 0.5))
     return mods
 
 
-def _items(mods, n_new=12):
-    items = []
-    for i, text in enumerate(TEXTS * 2):
-        m = mods[(i * 3) % len(mods)]
-        ids = m.encode(text)
-        items.append(GenItem(ids, m.contribution(ids), Sampling(max_new_tokens=n_new - (i % 3) * 3)))
-    return items
+def _rows(tiny, pairs):
+    """The prepared row of each (module, text), probes run as one batch."""
+    with torch.inference_mode():
+        return prepare(tiny, [(m, m.encode(t)) for m, t in pairs])
+
+
+def _items(tiny, mods, n_new=12):
+    pairs = [(mods[(i * 3) % len(mods)], text) for i, text in enumerate(TEXTS * 2)]
+    return [GenItem(r.ids, r.contribution, Sampling(max_new_tokens=n_new - (i % 3) * 3))
+            for i, r in enumerate(_rows(tiny, pairs))]
+
+
+def test_probes_batched_equal_alone(tiny):
+    """The probing kinds' rows, prepared in one batch with everything else, equal each prepared alone."""
+    mods = _modules(tiny)
+    pairs = [(m, t) for m in mods for t in TEXTS[:3]]
+    together = _rows(tiny, pairs)
+    for pair, row in zip(pairs, together):
+        alone = _rows(tiny, [pair])[0]
+        assert row.ids == alone.ids
+        c, c1 = row.contribution, alone.contribution
+        for name in ("prepend", "prefix"):
+            a, b = getattr(c, name), getattr(c1, name)
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_mixed_batch_greedy_equals_each_row_alone(tiny):
-    items = _items(_modules(tiny))
+    items = _items(tiny, _modules(tiny))
     assert len(items) >= 8
     together = generate(tiny, items)
     alone = [generate(tiny, [it])[0] for it in items]
@@ -60,7 +90,7 @@ def test_mixed_batch_greedy_equals_each_row_alone(tiny):
 
 def test_base_rows_in_a_mixed_batch_equal_plain_hf_generate(tiny):
     mods = _modules(tiny)
-    items = _items(mods)
+    items = _items(tiny, mods)
     together = generate(tiny, items)
     for it, g in zip(items, together):
         if it.contribution != Contribution():
@@ -92,7 +122,7 @@ def test_scores_batched_equal_alone_and_multi_token_path(tiny):
              tiny.tokenizer(" no", add_special_tokens=False)["input_ids"]]
     with torch.inference_mode():
         for conts in (single, multi):
-            items = [ScoreItem(m.encode(t), m.contribution(m.encode(t)), conts) for m, t in zip(mods * 2, TEXTS)]
+            items = [ScoreItem(r.ids, r.contribution, conts) for r in _rows(tiny, list(zip(mods * 2, TEXTS)))]
             together = score(tiny, items)
             for it, ll in zip(items, together):
                 torch.testing.assert_close(ll, score(tiny, [it])[0], atol=1e-4, rtol=1e-4)
