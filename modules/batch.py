@@ -200,6 +200,9 @@ class DeltaPlan:
             h = (x @ a_cat.to(x.dtype)) * self._mask(key, mods, ranks).to(x.dtype)     # (B, T, G*r)
             return y + h @ b_cat.to(x.dtype)                                            # (B, T, out)
         for m in prep[1]:
-            rows = torch.tensor([b for b, d in enumerate(self.deltas) if d is m], device=self.device)
+            rows = [b for b, d in enumerate(self.deltas) if d is m]
+            if not rows:  # every row of this module has finished (a selection while decoding)
+                continue
+            rows = torch.tensor(rows, device=self.device)
             y = y.index_copy(0, rows, m(key, x.index_select(0, rows), y.index_select(0, rows)))
         return y

@@ -1,0 +1,83 @@
+"""Shared pieces of the kinds that change the backbone's linear layers per row (bitfit, ia3,
+adapter, said, sparse): choosing layers, naming their tensors, and caching dense weight deltas.
+
+Example::
+
+    chosen = select_linears(backbone, ["q_proj", "v_proj"], layers=[0, 1])  # {key: (in, out)}
+    name = slot("layers.0.self_attn.q_proj")                                 # "layers__0__self_attn__q_proj"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+
+from modules.artifact import ArtifactError
+
+Target = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS: tuple[str, ...] = Target.__args__
+
+
+def slot(key: str) -> str:
+    """A layer key as a parameter name (parameter names may not contain dots)."""
+    return key.replace(".", "__")
+
+
+def layer_of(key: str) -> int:
+    return int(key.split(".")[1])
+
+
+def select_linears(backbone, targets, layers: list[int] | None) -> dict[str, tuple[int, int]]:
+    """The hooked linear layers named by `targets` (last key part) in `layers` (None = all):
+    {key: (in_features, out_features)}, in the backbone's order. Raises ArtifactError (a
+    ValueError; 422 on upload) if none is selected."""
+    chosen = {key: shape for key, shape in backbone.linear_keys.items()
+              if key.rsplit(".", 1)[-1] in targets and (layers is None or layer_of(key) in layers)}
+    if not chosen:
+        raise ArtifactError(f"targets {sorted(targets)} in layers {layers} select no linear layer of this backbone")
+    return chosen
+
+
+class SlotKeys:
+    """Mixin for a TaskModule: artifact tensor keys `<group>.<layer key>` for parameters held in
+    dicts keyed by `slot(layer key)` (so `bias.layers__0__mlp__up_proj` is stored as
+    `bias.layers.0.mlp.up_proj`)."""
+
+    def state_dict(self, *args, **kwargs):
+        sd = super().state_dict(*args, **kwargs)
+        return {k.replace("__", "."): v for k, v in sd.items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        renamed = {}
+        for k, v in state_dict.items():
+            group, _, key = k.partition(".")
+            renamed[f"{group}.{slot(key)}" if key else group] = v
+        return super().load_state_dict(renamed, strict, assign)
+
+
+class DenseDeltas:
+    """Dense weight deltas dW (out, in) built from a module's parameters (said, sparse).
+
+    While the parameters train (grad enabled and required), dW is rebuilt on every call so the
+    gradient reaches them. Otherwise it is built once per layer, device and dtype and reused for
+    as long as the parameters are unchanged (their version counters are part of the cache key),
+    so a loaded module pays for the build once, not once per decode step."""
+
+    def __init__(self, build: Callable[[str], torch.Tensor], params: Callable[[str], list[torch.Tensor]]):
+        self.build, self.params = build, params
+        self._cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+
+    def get(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        params = self.params(key)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self.build(key).to(like.dtype)
+        stamp = (like.device, like.dtype, tuple(p._version for p in params))
+        hit = self._cache.get(key)
+        if hit is None or hit[0] != stamp:
+            # Built as a normal tensor even inside inference_mode, so later passes may use it freely.
+            with torch.inference_mode(False), torch.no_grad():
+                hit = (stamp, self.build(key).to(like.device, like.dtype))
+            self._cache[key] = hit
+        return hit[1]
