@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import errors, logs
-from service.api import health, infer, openai, tasks
+from service.api import documents, health, infer, openai, tasks
 from service.config import Settings
 from service.runtime import Runtime
 
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None, *, backbone=None, wait_ready: b
     app.state.runtime = runtime
     errors.install(app)
     logs.install(app)
-    for router in (health.router, tasks.router, infer.router, openai.router):
+    for router in (health.router, tasks.router, documents.router, infer.router, openai.router):
         app.include_router(router)
     return app
 

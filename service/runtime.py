@@ -35,6 +35,11 @@ class Runtime:
         self.backbone = backbone  # injected (tests) or loaded in load()
         self.registry = None
         self.engine = None
+        self.documents = None  # service.documents.DocumentStore, once loaded
+        # Backbone passes outside the engine thread (document embedding) hold this lock per batch, and
+        # so does the engine: Backbone.forward keeps the running pass's per-row deltas on the shared
+        # backbone, so two passes must never overlap.
+        self.backbone_lock = threading.Lock()
         self.error: str | None = None
         self._ready = threading.Event()
 
@@ -45,6 +50,7 @@ class Runtime:
         import torch
 
         from modules.backbone import Backbone
+        from service.documents import DocumentStore
         from service.engine import Engine
         from service.registry import Registry
         from service.store import ModuleStore
@@ -65,8 +71,10 @@ class Runtime:
             if s.examples and not store.names():
                 self._install_examples(s.examples_dir)
             self.registry.check_all()
+            self.documents = DocumentStore(store, self.backbone, self.backbone_lock)
+            self.documents.open_all()
             self.engine = Engine(self.backbone, self.scheduler, on_batch=metrics.observe_batch,
-                                 on_cancel=metrics.CANCELLED.inc)
+                                 on_cancel=metrics.CANCELLED.inc, lock=self.backbone_lock)
             self.engine.start()
             self._ready.set()
             log.info("ready: %d tasks in %s", len(store.names()), s.store_dir)
@@ -128,7 +136,8 @@ class Runtime:
 
     async def delete_task(self, name: str) -> None:
         self._require_ready()
-        await run_in_threadpool(self.registry.delete, name)
+        # under the task's documents lock: no document write runs into the folder being removed
+        await run_in_threadpool(self.documents.delete_task, name, self.registry.delete)
 
     # --- inference ---------------------------------------------------------------------------
 
@@ -144,12 +153,12 @@ class Runtime:
         jobs = []
         for one in inputs:
             ids = module.encode(one)
-            virtual = module.num_virtual_tokens
-            if len(ids) + virtual > s.max_input_tokens:
-                raise TooLarge(f"input is {len(ids)} tokens; the limit is {s.max_input_tokens - virtual}",
-                               code="input_too_long")
+            length = module.pass_length(len(ids))
+            if length > s.max_input_tokens:
+                raise TooLarge(f"input is {len(ids)} tokens and makes a pass of {length}; "
+                               f"the limit is {s.max_input_tokens}", code="input_too_long")
             if module.manifest.labels:
-                sampling, cost = None, len(ids) + virtual + sum(len(c) for c in module.label_ids)
+                sampling, cost = None, length + sum(len(c) for c in module.label_ids)
             else:
                 sampling = Sampling(
                     max_new_tokens=max_new,
@@ -158,7 +167,7 @@ class Runtime:
                     top_k=p.top_k if p.top_k is not None else gen.top_k,
                     seed=p.seed,
                     stop=p.stop if p.stop is not None else gen.stop)
-                cost = len(ids) + virtual + max_new
+                cost = length + max_new
             jobs.append(Job(module, ids, sampling, cost, on_text=on_text))
         return jobs
 
