@@ -106,9 +106,26 @@ def cmd_train(args) -> int:
     from pathlib import Path
 
     from modules.backbone import Backbone
-    from modules.train import TrainOptions, read_jsonl, train_module
+    from modules.base import load_module, read_artifact
+    from modules.train import TrainOptions, lm_rows, mix, read_jsonl, train_module
 
-    rows = read_jsonl(args.data)
+    if bool(args.data) == bool(args.lm_text):
+        print("give --data (JSONL, repeatable with :weight) or --lm-text (plain text), not both", file=sys.stderr)
+        return 2
+    if args.lm_text:
+        rows = lm_rows(Path(args.lm_text).read_text(encoding="utf-8").splitlines(), seed=args.seed)
+    elif len(args.data) == 1:
+        rows = read_jsonl(args.data[0])
+    else:
+        sources = []
+        for spec in args.data:
+            path, _, weight = spec.rpartition(":")
+            try:
+                sources.append((read_jsonl(path), float(weight)))
+            except ValueError:  # no ":WEIGHT" (or a path with a colon in it)
+                sources.append((read_jsonl(spec), 1.0))
+        rows = mix(sources, (args.max_steps or sum(len(r) for r, _ in sources) // args.batch_size) * args.batch_size,
+                   args.seed)
     eval_rows = read_jsonl(args.eval) if args.eval else None
     if args.eval_limit and eval_rows:
         eval_rows = eval_rows[:args.eval_limit]
@@ -119,7 +136,8 @@ def cmd_train(args) -> int:
         manifest["labels"] = _labels(args.labels)
     options = TrainOptions(max_steps=args.max_steps, epochs=args.epochs, lr=args.lr,
                            batch_size=args.batch_size, seed=args.seed)
-    result = train_module(backbone, args.kind, rows, options, eval_rows=eval_rows,
+    init = load_module(read_artifact(Path(args.init).read_bytes()), backbone) if args.init else None
+    result = train_module(backbone, args.kind, rows, options, eval_rows=eval_rows, init=init,
                           config=json.loads(args.config) if args.config else None, **manifest)
     Path(args.out).write_bytes(result.artifact)
     _print(result.metrics)
@@ -172,7 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train a module on JSONL rows {input, target|label}")
     s.add_argument("kind", help="module kind, e.g. prompt")
-    s.add_argument("--data", required=True, help="training JSONL")
+    s.add_argument("--data", action="append",
+                   help="training JSONL; repeat as FILE:WEIGHT to train on a mixture (sampled by weight)")
+    s.add_argument("--lm-text", help="plain text, one document per line: language-modelling rows "
+                                     "(e.g. pre-training a recursive module's connector)")
+    s.add_argument("--init", help="start from this artifact's weights (same kind)")
     s.add_argument("--eval", help="evaluation JSONL")
     s.add_argument("--eval-limit", type=int, help="evaluate on the first N eval rows only")
     s.add_argument("--out", required=True, help="artifact to write (.zip)")

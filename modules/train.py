@@ -96,6 +96,23 @@ def mix(sources: list[tuple[list[dict], float]], n: int, seed: int = 0) -> list[
     return out
 
 
+def lm_rows(texts: list[str], min_words: int = 8, max_target_words: int = 24, seed: int = 0) -> list[dict]:
+    """Language-modelling rows from plain texts (connector pre-training): each text of at least
+    `min_words` words is cut at a random word in its middle third; the beginning is the input,
+    the next words (at most `max_target_words`) the target."""
+    rng = random.Random(seed)
+    rows = []
+    for text in texts:
+        words = text.split()
+        if len(words) < min_words:
+            continue
+        cut = rng.randint(len(words) // 3, 2 * len(words) // 3)
+        rows.append({"input": " ".join(words[:cut]), "target": " ".join(words[cut:cut + max_target_words])})
+    if not rows:
+        raise ValueError(f"no text has {min_words} words or more")
+    return rows
+
+
 def default_labels(rows: list[dict]) -> dict[str, str] | None:
     """label -> " label" for classification data, None for generation data."""
     names = sorted({str(r["label"]) for r in rows if "label" in r})

@@ -9,9 +9,10 @@ import torch
 
 from clients.cli import main as cli_main
 from modules.artifact import read_artifact
-from modules.base import load_module
+from modules.base import kind_class, load_module
 from modules.decode import GenItem, Sampling, ScoreItem, generate, score
-from modules.train import TrainOptions, evaluate, read_jsonl, train_module
+from modules.stages import prepare
+from modules.train import TrainOptions, evaluate, lm_rows, mix, read_jsonl, train_module
 from tests.conftest import weights_digest
 
 # The tiny random model has no skill to unlock, so the task is one a prompt alone can learn: always
@@ -95,6 +96,9 @@ KIND_CONFIGS = {
     "prefix": {"num_virtual_tokens": 4},
     "prefix-reparam": {"num_virtual_tokens": 4, "reparam_hidden": 32},
     "compose": {"parts": [{"kind": "lora", "config": {"r": 2}}, {"kind": "prompt", "config": {"num_virtual_tokens": 2}}]},
+    "idpt": {"num_virtual_tokens": 4, "encoder_prompt_tokens": 2, "network_lr_scale": 0.2},
+    "recursive": {"pass1_prompt_tokens": 2, "pass2_prompt_tokens": 4, "feed": "prepend"},
+    "recursive-textual": {"mode": "textual", "pass2_prompt_tokens": 4, "candidates": 2, "candidate_tokens": 2},
 }
 
 
@@ -112,8 +116,63 @@ def test_every_kind_trains_only_its_own_parameters(tiny, name):
     assert reloaded.kind == kind
     if name == "prefix-reparam":
         assert reloaded.config.reparam_hidden is None and not hasattr(reloaded, "mlp")
-    items = lambda m: [ScoreItem(m.encode(r["input"]), m.contribution(m.encode(r["input"])), m.label_ids)
-                       for r in ROWS]
+    items = lambda m: [ScoreItem(p.ids, p.contribution, m.label_ids)
+                       for p in prepare(tiny, [(m, m.encode(r["input"])) for r in ROWS])]
     with torch.inference_mode():
         for a, b in zip(score(tiny, items(result.module)), score(tiny, items(reloaded))):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_probing_kinds_train_their_probe_side(tiny):
+    """Gradients reach through the probe pass: ID-PT's encoder prompt and generator, the
+    recursive connector and pass-1 prompt all move; the backbone does not."""
+    before = weights_digest(tiny.model)
+    opts = TrainOptions(max_steps=3, batch_size=4, lr=0.05, progress=False)
+    for kind, config, names in (("idpt", KIND_CONFIGS["idpt"], ["encoder_prompt", "o.weight", "k.weight"]),
+                                ("recursive", KIND_CONFIGS["recursive"], ["prompt1", "connector.up.weight"])):
+        init = kind_class(kind).new(tiny, config, template="{input} ?", labels=LABELS)
+        start = {k: v.clone() for k, v in init.state_dict().items()}
+        result = train_module(tiny, kind, ROWS, opts, init=init, template="{input} ?", labels=LABELS)
+        after = result.module.state_dict()
+        for name in names:
+            assert not torch.equal(start[name], after[name]), f"{kind}.{name} did not train"
+    assert weights_digest(tiny.model) == before
+
+
+def test_mix_draws_by_weight_and_lm_rows_cut_texts():
+    a = [{"input": f"a{i}", "target": "x"} for i in range(10)]
+    b = [{"input": f"b{i}", "target": "y"} for i in range(3)]
+    rows = mix([(a, 3.0), (b, 1.0)], 40, seed=1)
+    assert len(rows) == 40 and sum(r["source"] == 0 for r in rows) == 30
+    assert {r["input"] for r in rows if r["source"] == 1} == {"b0", "b1", "b2"}  # cycles the small set
+    assert mix([(a, 3.0), (b, 1.0)], 40, seed=1) == rows
+    with pytest.raises(ValueError):
+        mix([(a, 0.0)], 5)
+    text = " ".join(f"w{i}" for i in range(30))
+    (row,) = lm_rows([text, "too short"])
+    assert text.startswith(row["input"] + " " + row["target"])
+    assert 10 <= len(row["input"].split()) <= 20
+
+
+def test_cli_trains_on_a_mixture_and_from_an_init(tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr("modules.backbone.Backbone.load", classmethod(lambda cls, *a, **k: tiny))
+    parts = []
+    for k in range(2):
+        f = tmp_path / f"part{k}.jsonl"
+        f.write_text("\n".join(json.dumps(r) for r in ROWS[k::2]))
+        parts.append(f"{f}:{k + 1}")
+    first = tmp_path / "first.zip"
+    assert cli_main(["train", "prompt", "--data", parts[0], "--data", parts[1], "--out", str(first),
+                     "--max-steps", "2", "--batch-size", "3", "--labels", '{"no": " no", "yes": " yes"}']) == 0
+    assert load_module(read_artifact(first.read_bytes()), tiny).manifest.metrics["train_rows"] == 6
+    text = tmp_path / "lm.txt"
+    text.write_text("\n".join(" ".join(f"word{i + j}" for i in range(12)) for j in range(6)))
+    lm = tmp_path / "lm.zip"
+    assert cli_main(["train", "recursive", "--lm-text", str(text), "--out", str(lm), "--max-steps", "2",
+                     "--batch-size", "2", "--config", '{"pass2_prompt_tokens": 2}']) == 0
+    task = tmp_path / "task.zip"
+    assert cli_main(["train", "recursive", "--data", str(tmp_path / "part0.jsonl"), "--init", str(lm),
+                     "--out", str(task), "--max-steps", "1", "--batch-size", "2",
+                     "--labels", '{"no": " no", "yes": " yes"}']) == 0
+    pre, post = (load_module(read_artifact(p.read_bytes()), tiny) for p in (lm, task))
+    assert post.config == pre.config and post.manifest.labels
