@@ -24,16 +24,14 @@ import argparse
 import json
 import platform
 import random
-import re
 import statistics
-import string
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from common import latency_ms, normalize  # bench/common.py (the script's folder is on sys.path)
 from modules.backbone import Backbone
 from modules.base import kind_class
 from modules.decode import GenItem, Sampling, ScoreItem, generate, score
@@ -69,11 +67,6 @@ def load(eval_per_template: int, max_prompt_tokens: int, tokenizer, seed: int = 
     return out
 
 
-def normalize(text: str) -> str:
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
-
-
 def options_of(train: list[dict], held: list[dict], max_options: int) -> list[str] | None:
     values = sorted({r["target"] for r in train + held})
     if 2 <= len(values) <= max_options and all(r["target"] in values for r in held):
@@ -107,19 +100,6 @@ def evaluate(backbone, module, split, max_options: int, batch: int = 16) -> dict
             for (k, (template, r, _)), g in zip(gen, generate(backbone, items)):
                 hits[dataset_of(template)].append(float(normalize(g.text) == normalize(r["target"])))
     return {d: round(100 * sum(v) / len(v), 1) for d, v in sorted(hits.items())}
-
-
-@torch.inference_mode()
-def latency_ms(backbone, module, texts: list[str], repeats: int = 3) -> float:
-    """Median time of one single-row request (probes + a scoring pass), in ms."""
-    times = []
-    for _ in range(repeats):
-        for t in texts:
-            start = time.perf_counter()
-            row = prepare(backbone, [(module, module.encode(t))])[0]
-            score(backbone, [ScoreItem(row.ids, row.contribution, [[0]])])
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def main() -> None:

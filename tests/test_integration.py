@@ -73,7 +73,8 @@ def _random_deltas(backbone) -> list[bytes]:
 
     specs = [("lora", {"targets": ["q_proj", "v_proj"], "r": 8}), ("lora", {"targets": ["gate_proj", "down_proj"], "r": 2}),
              ("prefix", {"num_virtual_tokens": 3}), ("prefix", {"num_virtual_tokens": 12}),
-             ("compose", {"parts": [{"kind": "lora", "config": {"r": 4}}, {"kind": "prompt", "config": {}}]})]
+             ("compose", {"parts": [{"kind": "lora", "config": {"r": 4}}, {"kind": "prompt", "config": {}}]}),
+             ("idpt", {"num_virtual_tokens": 6}), ("recursive", {"feed": "prepend", "pass2_prompt_tokens": 4})]
     out = []
     for i, (kind, cfg) in enumerate(specs):
         m = kind_class(kind).new(backbone, cfg, template="{input}")
@@ -90,22 +91,23 @@ PROMPTS = ["Write one word:", "List three colors, please, and explain why you li
 
 
 def test_mixed_task_batch_equals_each_request_alone_in_the_engine(real_backbone):
-    """Base, 4 prompt, 2 LoRA, 2 prefix and 1 composed module, rows of different lengths in one batch,
-    against each row alone."""
+    """Base, 4 prompt, 2 LoRA, 2 prefix, 1 composed, 1 idpt and 1 recursive module, rows of different
+    lengths in one batch (probes batched too), against each row alone."""
     from modules.artifact import read_artifact
     from modules.base import NoModule, load_module
     from modules.decode import GenItem, Sampling, generate
+    from modules.stages import prepare
 
     mods = [NoModule(real_backbone)] + [load_module(read_artifact(_random_prompt(real_backbone, p, p)), real_backbone)
                                        for p in (1, 4, 8, 20)]
     mods += [load_module(read_artifact(blob), real_backbone) for blob in _random_deltas(real_backbone)]
-    items = []
-    for i, text in enumerate(PROMPTS * 3):
-        m = mods[i % len(mods)]
-        ids = m.encode(text)
-        items.append(GenItem(ids, m.contribution(ids), Sampling(max_new_tokens=10)))
-    together = generate(real_backbone, items)
-    alone = [generate(real_backbone, [it])[0] for it in items]
+    pairs = [(mods[i % len(mods)], text) for i, text in enumerate(PROMPTS * 3)]
+    with torch.inference_mode():
+        batched = prepare(real_backbone, [(m, m.encode(t)) for m, t in pairs])
+        single = [prepare(real_backbone, [(m, m.encode(t))])[0] for m, t in pairs]
+    item = lambda r: GenItem(r.ids, r.contribution, Sampling(max_new_tokens=10))  # noqa: E731
+    together = generate(real_backbone, [item(r) for r in batched])
+    alone = [generate(real_backbone, [item(r)])[0] for r in single]
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]
     assert len({g.text for g in together}) >= 8
 
@@ -115,6 +117,9 @@ def test_concurrent_requests_of_many_tasks_match_sequential_answers(server, admi
     for p in (2, 5, 11, 16):
         name = f"mix-{p}"
         admin.upload(name, _random_prompt(real_backbone, p, seed=p))
+        names.append(name)
+    for name, blob in zip(("mix-idpt", "mix-recursive"), _random_deltas(real_backbone)[-2:]):
+        admin.upload(name, blob)
         names.append(name)
     names.append("base")
     jobs = [(names[i % len(names)], text) for i, text in enumerate(PROMPTS * 2)]
