@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from clients import Client, Conflict, InvalidRequest, NotFound, Unauthorized
+from tests.conftest import INTEGRATION_ADMIN_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -43,6 +44,27 @@ def test_the_example_task_is_installed_and_classifies(admin):
                                "a dull , lifeless and tedious mess ."]).outputs
     assert [o.label for o in out] == ["positive", "negative"]
     assert all(abs(sum(o.scores.values()) - 1) < 1e-4 for o in out)
+
+
+def test_the_idpt_example_answers_p3_prompts_in_a_batch_with_other_tasks(server, admin):
+    """p3-idpt (kind idpt) is installed and answers P3 prompts; concurrent requests of it, sst2 and
+    base share batches and give the answers each gets alone."""
+    task = {t.name: t for t in admin.list_tasks()}["p3-idpt"]
+    assert task.kind == "idpt" and task.status == "ready"
+    p3 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "p3"
+    rows = [json.loads(line) for line in (p3 / "ag_news_classify_with_choices.jsonl").read_text().splitlines()[::40]]
+    options = {"Business", "Science and technology", "World politics", "Sports"}
+    answers = [admin.infer("p3-idpt", r["prompt"], max_new_tokens=8).outputs[0].text.strip() for r in rows]
+    assert all(a in options for a in answers), answers  # the task's answer format, learned from the mix
+    jobs = [("p3-idpt", r["prompt"]) for r in rows] + [("sst2", "a gorgeous film"), ("base", "Hello!")]
+    alone = [admin.infer(n, t, max_new_tokens=8).outputs[0].text for n, t in jobs]
+
+    def call(job):
+        with Client(server[0], api_key=INTEGRATION_ADMIN_KEY, timeout=300) as c:
+            return c.infer(job[0], job[1], max_new_tokens=8).outputs[0].text
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        assert list(pool.map(call, jobs)) == alone
 
 
 def test_trained_example_beats_zero_shot_on_sst2_dev_over_http(admin, real_backbone):
