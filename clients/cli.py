@@ -1,6 +1,6 @@
-"""The `frozenlm` command line: serve, tasks, upload, delete, infer, train.
+"""The `frozenlm` command line: serve, tasks, upload, delete, infer, train, blackbox.
 
-`serve` and `train` import the server and the trainer lazily, so the client commands stay light
+`serve`, `train` and `blackbox` import the server and the trainer lazily, so the client commands stay light
 (and `clients/` never imports torch at module level).
 """
 
@@ -135,10 +135,55 @@ def cmd_train(args) -> int:
     if args.labels:
         manifest["labels"] = _labels(args.labels)
     options = TrainOptions(max_steps=args.max_steps, epochs=args.epochs, lr=args.lr,
-                           batch_size=args.batch_size, seed=args.seed)
+                           batch_size=args.batch_size, seed=args.seed, child_tuning=args.child_tuning,
+                           reserve_p=args.reserve_p, fisher_batches=args.fisher_batches or None)
     init = load_module(read_artifact(Path(args.init).read_bytes()), backbone) if args.init else None
     result = train_module(backbone, args.kind, rows, options, eval_rows=eval_rows, init=init,
                           config=json.loads(args.config) if args.config else None, **manifest)
+    Path(args.out).write_bytes(result.artifact)
+    _print(result.metrics)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_blackbox(args) -> int:
+    """Black-box tuning (CMA-ES over a projected soft prompt, forward passes only): in process, or
+    through a running service with `--url` given after the command (language-model-as-a-service)."""
+    from pathlib import Path
+
+    from modules.blackbox import BlackBoxOptions, blackbox_tune, blackbox_tune_http
+    from modules.train import read_jsonl
+
+    rows = read_jsonl(args.data)
+    eval_rows = read_jsonl(args.eval) if args.eval else None
+    if args.eval_limit and eval_rows:
+        eval_rows = eval_rows[:args.eval_limit]
+    opts = BlackBoxOptions(intrinsic_dim=args.intrinsic_dim, popsize=args.popsize, generations=args.generations,
+                           sigma=args.sigma, alpha=args.alpha, bound=args.bound, loss=args.loss, seed=args.seed,
+                           batch_size=args.batch_size)
+    config = json.loads(args.config) if args.config else {}
+    if args.num_virtual_tokens is not None:
+        config["num_virtual_tokens"] = args.num_virtual_tokens
+    manifest = {"template": args.template, "chat": args.chat, "description": args.description}
+    if args.labels:
+        manifest["labels"] = _labels(args.labels)
+
+    def local_backbone():
+        from modules.backbone import Backbone
+
+        return Backbone.load(args.backbone or os.environ.get("FROZENLM_BACKBONE") or None,
+                             device=args.device, dtype=args.dtype)
+
+    if args.service:
+        from clients.client import Client
+
+        backbone = None if args.embedding_std is not None else local_backbone()
+        with Client(args.service, api_key=args.service_key or args.api_key, timeout=args.timeout) as c:
+            result = blackbox_tune_http(c, rows, opts, eval_rows, config, backbone=backbone,
+                                        embedding_std=args.embedding_std, scratch_task=args.scratch_task,
+                                        **manifest)
+    else:
+        result = blackbox_tune(local_backbone(), rows, opts, eval_rows, config, **manifest)
     Path(args.out).write_bytes(result.artifact)
     _print(result.metrics)
     print(f"wrote {args.out}", file=sys.stderr)
@@ -203,7 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=3e-2)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--config", help="the kind's config as JSON, e.g. '{\"num_virtual_tokens\": 16}'")
+    s.add_argument("--config", help="the kind's config as JSON, e.g. '{\"num_virtual_tokens\": 16}'; "
+                                    "kind sparse: '{\"targets\": [\"q_proj\", \"v_proj\"], \"reserve_p\": 0.01}' "
+                                    "picks the positions by Fisher information (Child-Tuning_D)")
+    s.add_argument("--child-tuning", choices=["F", "D"],
+                   help="Child-Tuning: F = a fresh random gradient mask each step, D = a fixed mask of the "
+                        "parameters with the largest Fisher information")
+    s.add_argument("--reserve-p", type=float, default=0.3,
+                   help="Child-Tuning: the fraction of gradient entries kept (default 0.3)")
+    s.add_argument("--fisher-batches", type=int, default=8,
+                   help="batches the Fisher information is estimated on (Child-Tuning D, kind sparse); "
+                        "0 = every training row once (default 8)")
     s.add_argument("--template", default="{input}", help="input template with {input}")
     s.add_argument("--chat", action="store_true", help="wrap the template in the chat template")
     s.add_argument("--labels", help="label verbalizers: JSON object, or a comma list (verbalizer = ' name')")
@@ -212,6 +267,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--dtype", default="auto")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("blackbox", help="black-box tuning of a soft prompt (CMA-ES, forward passes only) on "
+                                        "JSONL rows {input, label}; writes a prompt module")
+    s.add_argument("--data", required=True, help="training JSONL, classification rows {input, label}")
+    s.add_argument("--eval", help="evaluation JSONL")
+    s.add_argument("--eval-limit", type=int, help="evaluate on the first N eval rows only")
+    s.add_argument("--out", required=True, help="artifact to write (.zip, a prompt module)")
+    s.add_argument("--url", dest="service",
+                   help="score candidates through this running frozenlm server (its HTTP API, admin key "
+                        "needed: candidates are uploaded to a scratch task); default: in process")
+    s.add_argument("--api-key", dest="service_key", help="bearer key for --url (default: the global --api-key)")
+    s.add_argument("--embedding-std", type=float,
+                   help="with --url: std of the served model's embedding table; then no local backbone is "
+                        "loaded and the initial prompt is zero (pure language-model-as-a-service)")
+    s.add_argument("--scratch-task", help="with --url: the scratch task's name (default bbt-<random>)")
+    s.add_argument("--num-virtual-tokens", type=int, help="prompt length P (default 16, or --config's)")
+    s.add_argument("--config", help="the prompt kind's config as JSON (num_virtual_tokens, init, ...)")
+    s.add_argument("--intrinsic-dim", type=int, default=500, help="d, the size of z (default 500)")
+    s.add_argument("--popsize", type=int, default=20, help="CMA-ES candidates per generation (default 20)")
+    s.add_argument("--generations", type=int, default=100, help="CMA-ES generations (default 100)")
+    s.add_argument("--sigma", type=float, default=1.0, help="CMA-ES initial step size")
+    s.add_argument("--alpha", type=float, default=1.0, help="scale of the random projection")
+    s.add_argument("--bound", type=float, help="box constraint |z_i| <= bound (default none)")
+    s.add_argument("--loss", choices=["ce", "hinge"], default="ce")
+    s.add_argument("--batch-size", type=int, default=32, help="rows per backbone pass / per request")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--template", default="{input}", help="input template with {input}")
+    s.add_argument("--chat", action="store_true", help="wrap the template in the chat template")
+    s.add_argument("--labels", help="label verbalizers: JSON object, or a comma list (verbalizer = ' name')")
+    s.add_argument("--description", default="")
+    s.add_argument("--backbone", help="local backbone source (default: FROZENLM_BACKBONE or the embedded one)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="auto")
+    s.set_defaults(func=cmd_blackbox)
     return p
 
 

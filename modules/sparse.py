@@ -12,10 +12,17 @@ config records nnz per layer, so every tensor's shape is known before the weight
 densified once per layer at first use (one dense (out, in) matrix per layer: fine for small
 models, counted in `nbytes`).
 
+Trained end to end by `modules.train.train_module(backbone, "sparse", rows, config=...)`: with a
+`SparseFisherConfig` (targets, layers, reserve_p; no `nnz`) the positions are Child-Tuning_D's
+child network, the top reserve_p fraction of the chosen layers' weights by diagonal Fisher
+information (`backbone_fisher_masks`: squared gradients w.r.t. the backbone's own weights over a
+few training batches), and their deltas are then trained; the backbone ends bit-identical.
+
 Example::
 
     m = SparseModule.from_mask(backbone, {"layers.0.mlp.down_proj": mask})   # mask: bool (out, in)
     m = SparseModule.new(backbone, {"nnz": {"layers.0.self_attn.q_proj": 400}})  # random positions
+    result = train_module(backbone, "sparse", rows, config={"targets": ["q_proj", "v_proj"], "reserve_p": 0.01})
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from torch import nn
 from modules.artifact import ArtifactError
 from modules.base import BackboneRef, Manifest, TaskModule
 from modules.batch import Contribution
-from modules.targets import DenseDeltas, SlotKeys, slot
+from modules.targets import DenseDeltas, SlotKeys, Target, slot
 
 
 class SparseConfig(BaseModel):
@@ -36,6 +43,43 @@ class SparseConfig(BaseModel):
     nnz: dict[str, int] = Field(min_length=1, description="Layer key (e.g. layers.0.mlp.down_proj) -> number "
                                                           "of updated weights in that layer.")
     seed: int = Field(0, description="Seeds the random positions of a module made with `new` (not from a mask).")
+
+
+class SparseFisherConfig(BaseModel):
+    """How the trainer picks a sparse module's positions by Fisher information (Child-Tuning_D).
+    Not stored: the artifact's config is the resulting `SparseConfig` (nnz per layer)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    targets: list[Target] = Field(["q_proj", "v_proj"], min_length=1,
+                                  description="Linear layers whose weights may be updated, by name.")
+    layers: list[int] | None = Field(None, description="Decoder layers; None = all.")
+    reserve_p: float = Field(0.01, gt=0.0, le=1.0,
+                             description="Fraction of the chosen weights updated (ranked over all of them together).")
+
+
+def backbone_fisher_masks(backbone, keys: list[str], batches, loss_fn, p: float, *, max_grad_norm: float | None = 1.0,
+                          progress: bool = True) -> dict[str, torch.Tensor]:
+    """Child-Tuning_D's child network among the backbone's own weights of the linear layers `keys`:
+    the top fraction `p` of their entries by diagonal Fisher information (squared gradients of
+    `loss_fn(batch)` over `batches`, each layer's gradient clipped to `max_grad_norm` first, as
+    the reference does). {key: bool (out, in)}
+
+    Gradients are enabled on those weights only while this runs, and their `requires_grad` and
+    `.grad` are restored afterwards; nothing is written into the weights."""
+    from modules.child_tuning import fisher_masks
+
+    base = backbone.model.base_model
+    weights = {key: base.get_submodule(key).weight for key in keys}
+    state = {key: (w.requires_grad, w.grad) for key, w in weights.items()}
+    try:
+        for w in weights.values():
+            w.requires_grad_(True)
+        return fisher_masks(weights, batches, loss_fn, p, max_grad_norm=max_grad_norm, progress=progress)
+    finally:
+        for key, w in weights.items():
+            w.requires_grad_(state[key][0])
+            w.grad = state[key][1]
 
 
 class SparseModule(SlotKeys, TaskModule):

@@ -5,12 +5,30 @@ Rows are `{"input", "target"}` (generation: loss on the target's tokens, then EO
 same scores the server uses to answer). Only the module's parameters get gradients; the backbone
 stays bit-identical.
 
+Child-Tuning (Xu et al. 2021) is a trainer option for every kind (`TrainOptions.child_tuning`):
+"F" masks each gradient with a fresh Bernoulli(reserve_p) mask every step (kept entries scaled by
+1/reserve_p), "D" with one fixed mask, the top reserve_p fraction of the module's parameters by
+diagonal Fisher information (squared gradients of this trainer's loss over `fisher_batches`
+training batches, computed once before the first step). Both mask inside the optimizer step,
+before Adam's moment updates (modules/child_tuning.py).
+
+Kind `sparse` without `nnz` in its config is Child-Tuning_D on the backbone's own weights: the
+positions are the top `reserve_p` fraction of the chosen layers' weights by Fisher information
+(gradients w.r.t. the backbone's weights, enabled for those weights only while the Fisher
+information is estimated; the backbone is never written), then their deltas are trained
+(`modules.sparse.SparseFisherConfig`).
+
 Example::
 
     result = train_module(backbone, "prompt", rows, TrainOptions(max_steps=200),
                           eval_rows=dev, template="Review: {input}\\nSentiment:",
                           labels={"negative": " negative", "positive": " positive"})
     open("sst2.zip", "wb").write(result.artifact)
+
+    # LoRA with Child-Tuning_D; a sparse delta on the backbone's q/v weights (top 1% by Fisher)
+    train_module(backbone, "lora", rows, TrainOptions(max_steps=200, lr=2e-3, child_tuning="D", reserve_p=0.3))
+    train_module(backbone, "sparse", rows, TrainOptions(max_steps=200, lr=1e-3),
+                 config={"targets": ["q_proj", "v_proj"], "reserve_p": 0.01})
 """
 
 from __future__ import annotations
@@ -21,12 +39,14 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from modules.backbone import Backbone
 from modules.base import TaskModule, kind_class
+from modules.child_tuning import ChildTuningAdamW, _check_p, fisher_masks
 from modules.decode import GenItem, Sampling, ScoreItem, generate, score
 from modules.stages import prepare
 
@@ -42,6 +62,21 @@ class TrainOptions:
     seed: int = 0
     eval_batch_size: int = 32
     progress: bool = True
+    # Child-Tuning (Xu et al. 2021), for any kind: None (plain AdamW), "F" (task-free: a fresh
+    # Bernoulli(reserve_p) gradient mask each step, kept entries scaled by 1/reserve_p) or "D"
+    # (task-driven: a fixed mask of the top reserve_p fraction of the module's parameters by
+    # Fisher information over `fisher_batches` training batches; None = one pass over all rows).
+    child_tuning: Literal["F", "D"] | None = None
+    reserve_p: float = 0.3
+    fisher_batches: int | None = 8
+
+    def __post_init__(self):
+        if self.child_tuning not in (None, "F", "D"):
+            raise ValueError(f"child_tuning must be None, 'F' or 'D', got {self.child_tuning!r}")
+        _check_p(self.reserve_p, "reserve_p")
+        if self.fisher_batches is not None and self.fisher_batches < 1:
+            raise ValueError(f"fisher_batches must be at least 1 (or None: every training row), "
+                             f"got {self.fisher_batches}")
 
 
 @dataclass
@@ -182,6 +217,63 @@ def evaluate(module: TaskModule, backbone: Backbone, rows: list[dict], batch_siz
     return metrics
 
 
+def fisher_batches(rows: list[dict], opt: TrainOptions) -> list[list[dict]]:
+    """The training batches the Fisher information is estimated on (Child-Tuning_D, kind sparse):
+    `opt.fisher_batches` batches of `opt.batch_size` rows from a seeded shuffle (cycling if the
+    data is short), or every row once when `opt.fisher_batches` is None."""
+    rng = random.Random(f"fisher/{opt.seed}")  # its own stream: the training order is unchanged
+    n = math.ceil(len(rows) / opt.batch_size) if opt.fisher_batches is None else opt.fisher_batches
+    order: list[int] = []
+    while len(order) < n * opt.batch_size:
+        block = list(range(len(rows)))
+        rng.shuffle(block)
+        order += block
+        if opt.fisher_batches is None:
+            break
+    return [[rows[i] for i in order[k * opt.batch_size:(k + 1) * opt.batch_size]] for k in range(n)]
+
+
+def _sparse_by_fisher(backbone: Backbone, rows: list[dict], opt: TrainOptions, config: dict | None,
+                      manifest_fields: dict) -> tuple[TaskModule, dict]:
+    """Kind sparse by Child-Tuning_D on the backbone's weights: positions = the top reserve_p
+    fraction of the chosen layers' weights by Fisher information under this trainer's loss."""
+    from modules.sparse import SparseFisherConfig, SparseModule, backbone_fisher_masks
+    from modules.targets import select_linears
+
+    cfg = SparseFisherConfig(**(config or {}))
+    keys = list(select_linears(backbone, cfg.targets, cfg.layers))
+    probe = kind_class("template").new(backbone, None, **manifest_fields)  # same template and labels, no weights
+    batches = fisher_batches(rows, opt)
+    masks = backbone_fisher_masks(backbone, keys, batches, _Task(probe, backbone).loss, cfg.reserve_p,
+                                  progress=opt.progress)
+    module = SparseModule.from_mask(backbone, masks, **manifest_fields)
+    info = {"fisher": {**cfg.model_dump(), "batches": len(batches),
+                       "candidates": sum(int(m.numel()) for m in masks.values()),
+                       "selected": sum(int(m.sum()) for m in masks.values())}}
+    return module, info
+
+
+def make_optimizer(module: TaskModule, task: "_Task", rows: list[dict], opt: TrainOptions) -> tuple[torch.optim.Optimizer, dict]:
+    """AdamW over the module's parameter groups, or ChildTuningAdamW (mode F or D) with
+    `opt.child_tuning`; mode D estimates its Fisher masks here. Returns it and its metrics."""
+    groups = module.param_groups(opt.lr)
+    if opt.child_tuning is None:
+        return torch.optim.AdamW(groups, lr=opt.lr, weight_decay=opt.weight_decay), {}
+    info = {"child_tuning": opt.child_tuning, "reserve_p": opt.reserve_p}
+    if opt.child_tuning == "F":
+        optim = ChildTuningAdamW(groups, lr=opt.lr, weight_decay=opt.weight_decay, mode="F",
+                                 reserve_p=opt.reserve_p, seed=opt.seed)
+        return optim, info
+    named = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    batches = fisher_batches(rows, opt)
+    # per-tensor clipping at 1.0 before squaring, as the reference does
+    masks = fisher_masks(named, batches, task.loss, opt.reserve_p, max_grad_norm=1.0, progress=opt.progress)
+    optim = ChildTuningAdamW(groups, lr=opt.lr, weight_decay=opt.weight_decay, mode="D",
+                             masks={named[n]: m for n, m in masks.items()})
+    info.update(fisher_batches=len(batches), child_params=sum(int(m.sum()) for m in masks.values()))
+    return optim, info
+
+
 def train_module(backbone: Backbone, kind: str, rows: list[dict], options: TrainOptions | None = None,
                  eval_rows: list[dict] | None = None, config: dict | None = None,
                  init: TaskModule | None = None, **manifest_fields) -> TrainResult:
@@ -190,6 +282,7 @@ def train_module(backbone: Backbone, kind: str, rows: list[dict], options: Train
     `init`: start from this module's weights (same kind; its config is used), e.g. a recursive
     module whose connector was pre-trained on language modelling."""
     opt = options or TrainOptions()
+    start = time.monotonic()  # train_seconds counts a Fisher estimate too
     torch.manual_seed(opt.seed)
     rng = random.Random(opt.seed)
     if "labels" not in manifest_fields:
@@ -198,7 +291,11 @@ def train_module(backbone: Backbone, kind: str, rows: list[dict], options: Train
         if init.kind != kind:
             raise ValueError(f"cannot start a {kind} module from a {init.kind} module")
         config = init.manifest.config
-    module = kind_class(kind).new(backbone, config, **manifest_fields)
+    extra: dict = {}
+    if kind == "sparse" and init is None and "nnz" not in (config or {}):
+        module, extra = _sparse_by_fisher(backbone, rows, opt, config, manifest_fields)
+    else:
+        module = kind_class(kind).new(backbone, config, **manifest_fields)
     if init is not None:
         module.load_tensors(init.tensors())
     module.train()
@@ -211,7 +308,8 @@ def train_module(backbone: Backbone, kind: str, rows: list[dict], options: Train
         total = by_epochs or steps_per_epoch
     else:
         total = min(opt.max_steps, by_epochs) if by_epochs else opt.max_steps
-    optim = torch.optim.AdamW(module.param_groups(opt.lr), lr=opt.lr, weight_decay=opt.weight_decay)
+    optim, child = make_optimizer(module, task, rows, opt)
+    extra.update(child)
     warm = min(opt.warmup_steps, max(1, total // 10))
     # Linear warm-up, then linear decay to 0.
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -219,7 +317,6 @@ def train_module(backbone: Backbone, kind: str, rows: list[dict], options: Train
 
     order: list[int] = []
     history: list[float] = []
-    start = time.monotonic()
     bar = tqdm(range(total), desc=f"train {kind}", disable=not opt.progress)
     for _ in bar:
         if len(order) < opt.batch_size:
@@ -241,7 +338,8 @@ def train_module(backbone: Backbone, kind: str, rows: list[dict], options: Train
 
     metrics = {"train_steps": total, "train_rows": len(rows), "batch_size": opt.batch_size, "lr": opt.lr,
                "train_loss": round(sum(history[-20:]) / max(1, len(history[-20:])), 4),
-               "train_seconds": round(time.monotonic() - start, 1)}
+               "train_seconds": round(time.monotonic() - start, 1),
+               "trainable_params": sum(p.numel() for p in params), **extra}
     if eval_rows:
         metrics.update(evaluate(module, backbone, eval_rows, opt.eval_batch_size, opt.progress))
     return TrainResult(module, metrics, history)

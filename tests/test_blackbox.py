@@ -139,3 +139,62 @@ def test_bbt_over_http_against_a_real_server(tiny_served, tmp_path):
         assert c.get_task("bbt-result").version == 1
         with pytest.raises(ValueError, match="embedding_std"):
             blackbox_tune_http(c, ROWS, opts, **fields)
+
+
+def test_cli_blackbox_in_process_writes_a_prompt_module(tmp_path, tiny, monkeypatch):
+    import json
+
+    from clients.cli import main as cli_main
+
+    monkeypatch.setattr("modules.backbone.Backbone.load", classmethod(lambda cls, *a, **k: tiny))
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS))
+    out = tmp_path / "bbt.zip"
+    before = weights_digest(tiny.model)
+    rc = cli_main(["blackbox", "--data", str(data), "--eval", str(data), "--out", str(out), "--labels", json.dumps(LABELS),
+                   "--template", "{input} ?", "--num-virtual-tokens", "4", "--intrinsic-dim", "32", "--popsize", "8",
+                   "--generations", "3"])
+    assert rc == 0 and weights_digest(tiny.model) == before
+    module = load_module(read_artifact(out.read_bytes()), tiny)
+    m = module.manifest.metrics
+    assert module.kind == "prompt" and tuple(module.embeddings.shape) == (4, tiny.hidden_size)
+    assert module.manifest.template == "{input} ?" and module.manifest.labels == LABELS
+    assert m["evaluations"] == 1 + 3 * 8 and m["intrinsic_dim"] == 32 and "eval_accuracy" in m
+    assert m["train_loss"] <= m["initial_loss"]
+    # the same search as the library call
+    again = blackbox_tune(tiny, ROWS, BlackBoxOptions(intrinsic_dim=32, popsize=8, generations=3, progress=False),
+                          config={"num_virtual_tokens": 4}, template="{input} ?", labels=LABELS)
+    assert again.metrics["train_loss"] == m["train_loss"]
+
+
+def test_cli_blackbox_over_http(tiny_served, tmp_path, monkeypatch):
+    import json
+
+    from clients import Client
+    from clients.cli import main as cli_main
+    from service.testing import running_server
+
+    folder, bb = tiny_served
+    monkeypatch.setattr("modules.backbone.Backbone.load", classmethod(lambda cls, *a, **k: bb))
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS))
+    env = {"FROZENLM_BACKBONE": str(folder), "FROZENLM_STORE_DIR": str(tmp_path / "store"),
+           "FROZENLM_EXAMPLES": "false"}
+    common = ["--data", str(data), "--labels", json.dumps(LABELS), "--template", "{input} ?",
+              "--num-virtual-tokens", "4", "--intrinsic-dim", "16", "--popsize", "4", "--generations", "2"]
+    with running_server(env) as url:
+        local = tmp_path / "local-p0.zip"   # p0 and std_hat from the local copy of the served backbone
+        assert cli_main(["blackbox", *common, "--url", url, "--out", str(local), "--eval", str(data),
+                         "--eval-limit", "3"]) == 0
+        lmaas = tmp_path / "lmaas.zip"      # no local backbone: p0 = 0, the embedding std given
+        monkeypatch.setattr("modules.backbone.Backbone.load", classmethod(lambda cls, *a, **k: 1 / 0))
+        assert cli_main(["blackbox", *common, "--url", url, "--embedding-std", "0.02", "--out", str(lmaas)]) == 0
+        with Client(url) as c:
+            assert c.list_tasks() == []      # the scratch tasks are gone
+    for path in (local, lmaas):
+        module = load_module(read_artifact(path.read_bytes()), bb)
+        m = module.manifest.metrics
+        assert module.kind == "prompt" and m["evaluations"] == 1 + 2 * 4 and m["train_loss"] <= m["initial_loss"]
+    assert load_module(read_artifact(local.read_bytes()), bb).manifest.metrics["eval_rows"] == 3
+    assert _ce(load_module(read_artifact(local.read_bytes()), bb), bb, ROWS) == pytest.approx(
+        load_module(read_artifact(local.read_bytes()), bb).manifest.metrics["train_loss"], abs=1e-3)

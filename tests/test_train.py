@@ -176,3 +176,147 @@ def test_cli_trains_on_a_mixture_and_from_an_init(tmp_path, tiny, monkeypatch):
                      "--labels", '{"no": " no", "yes": " yes"}']) == 0
     pre, post = (load_module(read_artifact(p.read_bytes()), tiny) for p in (lm, task))
     assert post.config == pre.config and post.manifest.labels
+
+
+# --- Child-Tuning as a trainer option, and kind sparse by Fisher information ---------------------
+
+CHILD_KINDS = {
+    "prompt": {"num_virtual_tokens": 4},
+    "lora": {"targets": ["q_proj", "v_proj", "down_proj"], "r": 4},
+    "prefix": {"num_virtual_tokens": 4},
+    "bitfit": {"targets": ["q_proj", "up_proj"]},
+    "ia3": {},
+    "adapter": {"bottleneck": 4},
+    "said": {"d": 32},
+}
+
+
+def _fresh(tiny, kind, seed=0):
+    """The module train_module starts from (same seed, same init)."""
+    torch.manual_seed(seed)
+    m = kind_class(kind).new(tiny, CHILD_KINDS[kind], template="{input} ?", labels=LABELS)
+    m.train()
+    return m
+
+
+@pytest.mark.parametrize("mode", ["F", "D"])
+@pytest.mark.parametrize("kind", list(CHILD_KINDS))
+def test_child_tuning_trains_only_the_module_and_d_only_its_child_network(tiny, kind, mode):
+    from modules.child_tuning import fisher_masks
+    from modules.train import _Task, fisher_batches
+
+    before = weights_digest(tiny.model)
+    opts = TrainOptions(max_steps=6, batch_size=4, lr=0.05, progress=False, child_tuning=mode, reserve_p=0.3,
+                        fisher_batches=2)
+    result = train_module(tiny, kind, ROWS, opts, config=CHILD_KINDS[kind], template="{input} ?", labels=LABELS)
+    assert weights_digest(tiny.model) == before
+    assert all(not p.requires_grad and p.grad is None for p in tiny.model.parameters())
+    assert result.metrics["child_tuning"] == mode and result.metrics["reserve_p"] == 0.3
+    start = _fresh(tiny, kind)
+    trained = dict(result.module.named_parameters())
+    moved = {n: trained[n].detach() != p.detach() for n, p in start.named_parameters()}
+    assert any(m.any() for m in moved.values())
+    if mode == "D":
+        # the same Fisher estimate the trainer made: same init, same batches, same loss
+        named = {n: p for n, p in start.named_parameters() if p.requires_grad}
+        masks = fisher_masks(named, fisher_batches(ROWS, opts), _Task(start, tiny).loss, 0.3, max_grad_norm=1.0,
+                             progress=False)
+        total = sum(m.numel() for m in masks.values())
+        assert result.metrics["child_params"] == sum(int(m.sum()) for m in masks.values()) == max(1, round(0.3 * total))
+        for n, m in moved.items():
+            assert not (m & ~masks[n]).any(), f"{kind}.{n}: an entry outside the Fisher mask moved"
+    # the artifact reloads and answers as the trained module does
+    reloaded = load_module(read_artifact(result.artifact), tiny)
+    assert reloaded.manifest.metrics["child_tuning"] == mode
+
+
+def test_child_tuning_f_masks_a_fresh_random_subset_each_step(tiny):
+    """One step of mode F moves about reserve_p of a prompt's entries (AdamW would move all)."""
+    for mode, lo, hi in (("F", 0.15, 0.45), (None, 0.99, 1.0)):
+        opts = TrainOptions(max_steps=1, batch_size=4, lr=0.05, progress=False, child_tuning=mode, reserve_p=0.3)
+        result = train_module(tiny, "prompt", ROWS, opts, config=CHILD_KINDS["prompt"], template="{input} ?",
+                              labels=LABELS)
+        frac = (result.module.embeddings != _fresh(tiny, "prompt").embeddings).float().mean().item()
+        assert lo <= frac <= hi, (mode, frac)
+
+
+def test_child_tuning_d_learns_the_task(tiny):
+    opts = TrainOptions(max_steps=30, batch_size=4, lr=0.1, progress=False, child_tuning="D", reserve_p=0.5)
+    result = train_module(tiny, "prompt", ROWS, opts, eval_rows=ROWS, config={"num_virtual_tokens": 4},
+                          template="{input} ?", labels=LABELS)
+    assert sum(result.history[-5:]) < 0.5 * sum(result.history[:5])
+    assert result.metrics["eval_accuracy"] == 1.0
+
+
+def test_child_tuning_options_are_checked():
+    with pytest.raises(ValueError, match="child_tuning"):
+        TrainOptions(child_tuning="E")
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        TrainOptions(child_tuning="F", reserve_p=0.0)
+    with pytest.raises(ValueError, match="fisher_batches"):
+        TrainOptions(child_tuning="D", fisher_batches=0)
+
+
+def test_sparse_trains_the_backbones_top_fisher_weights_without_touching_them(tiny):
+    from modules.sparse import backbone_fisher_masks
+    from modules.targets import slot
+    from modules.train import _Task, fisher_batches
+
+    before = weights_digest(tiny.model)
+    opts = TrainOptions(max_steps=12, batch_size=4, lr=0.02, progress=False, fisher_batches=2)
+    config = {"targets": ["q_proj", "down_proj"], "reserve_p": 0.05}
+    result = train_module(tiny, "sparse", ROWS, opts, eval_rows=ROWS, config=config, template="{input} ?",
+                          labels=LABELS)
+    assert weights_digest(tiny.model) == before                      # bit-identical backbone
+    assert all(not p.requires_grad and p.grad is None for p in tiny.model.parameters())
+    assert sum(result.history[-4:]) < sum(result.history[:4])
+    m = result.module
+    keys = [k for k in tiny.linear_keys if k.endswith(("q_proj", "down_proj"))]
+    candidates = sum(tiny.linear_keys[k][0] * tiny.linear_keys[k][1] for k in keys)
+    assert sum(m.config.nnz.values()) == round(0.05 * candidates) == result.metrics["fisher"]["selected"]
+    assert result.metrics["trainable_params"] == sum(m.config.nnz.values())
+
+    # the positions are the top 5% by Fisher information (the same estimate, made independently)
+    probe = kind_class("template").new(tiny, template="{input} ?", labels=LABELS)
+    masks = backbone_fisher_masks(tiny, keys, fisher_batches(ROWS, opts), _Task(probe, tiny).loss, 0.05,
+                                  progress=False)
+    assert weights_digest(tiny.model) == before
+    assert all(not p.requires_grad and p.grad is None for p in tiny.model.parameters())
+    base = tiny.model.base_model
+    for key in keys:
+        mask = masks[key]
+        if not mask.any():
+            assert key not in m.config.nnz
+            continue
+        assert torch.equal(m.indices.get_buffer(slot(key)), mask.flatten().nonzero().squeeze(1))
+        w = base.get_submodule(key).weight
+        effective = w + m.delta_weight(key).detach()
+        differs = effective != w
+        assert differs.any() and not (differs & ~mask).any()       # only masked positions differ
+
+    reloaded = load_module(read_artifact(result.artifact), tiny)
+    assert reloaded.kind == "sparse" and reloaded.config.nnz == m.config.nnz
+    assert evaluate(reloaded, tiny, ROWS)["eval_accuracy"] == result.metrics["eval_accuracy"]
+
+
+def test_cli_train_child_tuning_and_sparse(tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr("modules.backbone.Backbone.load", classmethod(lambda cls, *a, **k: tiny))
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS))
+    before = weights_digest(tiny.model)
+    common = ["--data", str(data), "--max-steps", "2", "--batch-size", "4", "--labels", '{"no": " no", "yes": " yes"}']
+    out = tmp_path / "lora-d.zip"
+    assert cli_main(["train", "lora", *common, "--out", str(out), "--child-tuning", "D", "--reserve-p", "0.2",
+                     "--fisher-batches", "1", "--lr", "0.01"]) == 0
+    metrics = load_module(read_artifact(out.read_bytes()), tiny).manifest.metrics
+    assert metrics["child_tuning"] == "D" and metrics["reserve_p"] == 0.2 and metrics["fisher_batches"] == 1
+    out = tmp_path / "prompt-f.zip"
+    assert cli_main(["train", "prompt", *common, "--out", str(out), "--child-tuning", "F"]) == 0
+    assert load_module(read_artifact(out.read_bytes()), tiny).manifest.metrics["child_tuning"] == "F"
+    out = tmp_path / "sparse.zip"
+    assert cli_main(["train", "sparse", *common, "--out", str(out), "--lr", "0.01",
+                     "--config", '{"targets": ["v_proj"], "reserve_p": 0.1}']) == 0
+    module = load_module(read_artifact(out.read_bytes()), tiny)
+    assert module.kind == "sparse" and set(module.config.nnz) <= {k for k in tiny.linear_keys if k.endswith("v_proj")}
+    assert module.manifest.metrics["fisher"]["reserve_p"] == 0.1
+    assert weights_digest(tiny.model) == before
