@@ -36,8 +36,25 @@ def sst2_http(r: dict) -> str:
     return "\n".join(lines)
 
 
+def squad_rrr(r: dict) -> str:
+    c, k = r["config"], r["config"]["candidates"]
+    lines = [f"SQuAD v1.1 dev: {r['eval_questions']} questions of the {len(r['held_out_articles'])} held-out articles "
+             f"(never trained on); corpus: all {r['corpus_documents']} paragraphs of the 24 articles; {c['retrieval']} "
+             f"top {k}, reranker on the first {r.get('reranker_depth') or c['reranker_depth'] or 'third of the'} layers ({c['pool']} pooling), context budget "
+             f"{c['context_tokens']} tokens, reader prompt {c['reader_prompt_tokens']} vectors; {r['backbone']}, "
+             f"{r['machine']}.", "",
+             "| setup | recall in context | exact match | F1 |", "|---|---:|---:|---:|"]
+    for name, v in r["results"].items():
+        rec = f"{v['recall_in_context']:.1f}" if "recall_in_context" in v else "-"
+        lines.append(f"| {name} | {rec} | {v['exact_match']:.1f} | {v['f1']:.1f} |")
+    lines += ["", f"| retrieval | recall@{k} (gold paragraph) | median ms/query | p95 ms/query |", "|---|---:|---:|---:|"]
+    for m, v in r["retrieval_latency_ms"].items():
+        lines.append(f"| {m} | {r[f'retrieval_recall_at_{k}'][m]:.1f} | {v['median_ms']} | {v['p95_ms']} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    for name, fn in (("mixed_batch", mixed_batch), ("sst2_http", sst2_http)):
+    for name, fn in (("mixed_batch", mixed_batch), ("sst2_http", sst2_http), ("squad_rrr", squad_rrr)):
         path = RESULTS / f"{name}.json"
         if path.is_file():
             print(f"<!-- {name}: from bench/results/{name}.json -->")

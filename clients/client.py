@@ -76,6 +76,7 @@ class Output:
     finish_reason: str
     label: str | None = None
     scores: dict[str, float] | None = None
+    passages: list[dict] | None = None  # tasks that read documents (rrr): {id, title, score, retrieval_score, used}
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ class InferResult:
 
     @classmethod
     def of(cls, d: dict) -> "InferResult":
-        outs = [Output(o["text"], o["finish_reason"], o.get("label"), o.get("scores")) for o in d["outputs"]]
+        outs = [Output(o["text"], o["finish_reason"], o.get("label"), o.get("scores"), o.get("passages"))
+                for o in d["outputs"]]
         return cls(d["task"], d["version"], outs, d["usage"], d["timings_ms"], d)
 
 

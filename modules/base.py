@@ -48,6 +48,7 @@ KINDS: dict[str, str] = {
     "sparse": "modules.sparse:SparseModule",
     "idpt": "modules.idpt:IDPTModule",
     "recursive": "modules.recursive:RecursiveModule",
+    "rrr": "modules.rrr:RRRModule",
 }
 
 
@@ -137,6 +138,9 @@ class TaskModule(nn.Module):
     kind: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
     vectors: ClassVar[tuple[str, ...]] = ()  # see param_groups
+    # A kind that reads its task's documents (rrr): the server attaches them as `documents` before
+    # each request, and answers 409 while the task has none.
+    reads_documents: ClassVar[bool] = False
 
     def __init__(self, manifest: Manifest, config: BaseModel, backbone: Backbone):
         super().__init__()
@@ -272,11 +276,13 @@ class TaskModule(nn.Module):
         """The config stored in the artifact (a kind may fold training-only parts away)."""
         return self.config.model_dump()
 
-    def to_artifact(self, **manifest_updates) -> bytes:
+    def to_artifact(self, files: dict[str, bytes] | None = None, **manifest_updates) -> bytes:
+        """The zip bytes; `files`: more files to carry (e.g. a task's documents, see
+        modules.retrieval.documents_files)."""
         from safetensors.torch import save
 
         manifest = self.manifest.model_copy(update={"config": self.artifact_config(), **manifest_updates})
-        return pack({MANIFEST_FILE: manifest.model_dump_json(indent=2).encode(),
+        return pack({**(files or {}), MANIFEST_FILE: manifest.model_dump_json(indent=2).encode(),
                      WEIGHTS_FILE: save(self.tensors())})
 
 

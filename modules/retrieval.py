@@ -217,17 +217,44 @@ class Retriever:
 
     # --- building ------------------------------------------------------------------------------
 
-    def build(self, docs: Sequence[Document], reuse: "Retriever | None" = None) -> "Retriever":
+    def build(self, docs: Sequence[Document], reuse: "Retriever | None" = None,
+              vectors: np.ndarray | None = None) -> "Retriever":
         """Index `docs` (ids must be unique). `reuse`: a previous retriever on the same backbone and
-        projection, whose vectors are kept for documents that did not change (only the rest is embedded)."""
+        projection, whose vectors are kept for documents that did not change (only the rest is embedded).
+        `vectors` (N, d): the documents' dense vectors as this retriever computes them (`vectors()`),
+        saved earlier: nothing is embedded (an example task ships them)."""
         ids = [d.id for d in docs]
         if len(set(ids)) != len(ids):
             raise ValueError("document ids must be unique")
         self.ids, self.digests = ids, [d.digest for d in docs]
         self._set_bm25([words(f"{d.title} {d.text}" if d.title else d.text) for d in docs])
         if self.backbone is not None:
-            self._build_dense(docs, reuse)
+            if vectors is not None:
+                self._set_vectors(vectors)
+            else:
+                self._build_dense(docs, reuse)
         return self
+
+    def _set_vectors(self, vectors: np.ndarray) -> None:
+        import faiss
+
+        if vectors.shape != (len(self.ids), self.dim) or not np.isfinite(vectors).all():
+            raise ValueError(f"vectors must be finite, of shape ({len(self.ids)}, {self.dim}); "
+                             f"got {tuple(vectors.shape)}")
+        vecs = np.ascontiguousarray(vectors, dtype=np.float32).copy()
+        norms = np.linalg.norm(vecs, axis=1)
+        off = np.abs(norms - 1) > 1e-5  # vectors() gives unit rows: kept bit for bit
+        vecs[off] /= np.maximum(norms[off], 1e-12)[:, None]
+        self.index = faiss.IndexFlatIP(self.dim)
+        if len(vecs):
+            self.index.add(vecs)
+
+    def vectors(self) -> np.ndarray | None:
+        """The dense index's vectors, in document order (N, d); None without a backbone."""
+        if self.index is None:
+            return None
+        return np.stack([self.index.reconstruct(i) for i in range(len(self.ids))]) if self.ids else \
+            np.zeros((0, self.dim), dtype=np.float32)
 
     def _set_bm25(self, corpus: list[list[str]]) -> None:
         from rank_bm25 import BM25Okapi
@@ -241,12 +268,12 @@ class Retriever:
                 postings.setdefault(w, []).append(i)
         self.postings = postings
 
-    def _vectors(self, texts: Sequence[str]) -> np.ndarray:
+    def _vectors(self, texts: Sequence[str], lock_held: bool = False) -> np.ndarray:
         """Embed, project, L2-normalise. -> (N, d) float32"""
         import faiss
 
-        vecs = embed_texts(self.backbone, texts, self.batch_size, self.max_tokens, lock=self.lock,
-                           progress=self.progress)  # (N, H)
+        vecs = embed_texts(self.backbone, texts, self.batch_size, self.max_tokens,
+                           lock=None if lock_held else self.lock, progress=self.progress)  # (N, H)
         if self.projection is not None:
             with torch.inference_mode():
                 vecs = self.projection.float().cpu()(torch.from_numpy(vecs)).numpy()  # (N, d)
@@ -282,11 +309,14 @@ class Retriever:
 
     # --- searching -----------------------------------------------------------------------------
 
-    def search(self, query: str, k: int = 10, method: str = "hybrid") -> list[tuple[str, float]]:
+    def search(self, query: str, k: int = 10, method: str = "hybrid", *,
+               lock_held: bool = False) -> list[tuple[str, float]]:
         """The best `k` documents for `query`, best first, as (doc_id, score).
 
         Scores: BM25's for `bm25`, cosine for `dense`, the RRF sum for `hybrid`. `bm25` returns only
-        documents that share a word with the query; `dense` and `hybrid` return min(k, len(self))."""
+        documents that share a word with the query; `dense` and `hybrid` return min(k, len(self)).
+        `lock_held`: the caller holds `lock` already (the engine thread, in a module's probe), so
+        embedding the query does not take it again."""
         if method not in METHODS:
             raise ValueError(f"unknown retrieval method {method!r}; known: {', '.join(METHODS)}")
         if k < 1:
@@ -298,10 +328,11 @@ class Retriever:
         if method == "bm25":
             ranked = self._bm25(query, k)
         elif method == "dense":
-            ranked = self._dense(query, k)
+            ranked = self._dense(query, k, lock_held)
         else:
             depth = max(k, FUSION_DEPTH)
-            fused = rrf([[i for i, _ in self._bm25(query, depth)], [i for i, _ in self._dense(query, depth)]])
+            fused = rrf([[i for i, _ in self._bm25(query, depth)],
+                         [i for i, _ in self._dense(query, depth, lock_held)]])
             ranked = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
         return [(self.ids[i], float(s)) for i, s in ranked]
 
@@ -313,8 +344,8 @@ class Retriever:
         scores = self.bm25.get_batch_scores(q, candidates)
         return sorted(zip(candidates, scores), key=lambda kv: (-kv[1], kv[0]))[:k]
 
-    def _dense(self, query: str, k: int) -> list[tuple[int, float]]:
-        q = self._vectors([query])  # (1, d)
+    def _dense(self, query: str, k: int, lock_held: bool = False) -> list[tuple[int, float]]:
+        q = self._vectors([query], lock_held)  # (1, d)
         scores, idx = self.index.search(q, min(k, len(self.ids)))  # (1, k) each
         return [(int(i), float(s)) for i, s in zip(idx[0], scores[0]) if i >= 0]
 
@@ -411,3 +442,40 @@ def _write(path: Path, writer) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# --- documents inside a module artifact ----------------------------------------------------------
+
+DOCUMENTS_FILE = "documents.jsonl"      # one {"id", "text", "title"?} a line, as POST .../documents takes
+VECTORS_FILE = "documents.safetensors"  # optional: `vectors` (N, d), their dense vectors in the same order
+
+
+def documents_files(docs: Sequence[Document], retriever: "Retriever | None" = None) -> dict[str, bytes]:
+    """The files that carry `docs` in a module artifact (`TaskModule.to_artifact(files=...)`), with
+    the dense vectors of `retriever` (built on exactly these documents) when it has them, so that
+    installing the artifact embeds nothing."""
+    lines = [json.dumps({"id": d.id, "text": d.text, **({"title": d.title} if d.title is not None else {})},
+                        ensure_ascii=False) for d in docs]
+    files = {DOCUMENTS_FILE: "".join(line + "\n" for line in lines).encode()}
+    if retriever is not None and retriever.index is not None:
+        if retriever.ids != [d.id for d in docs] or retriever.digests != [d.digest for d in docs]:
+            raise ValueError("the retriever was not built on these documents")
+        from safetensors.numpy import save
+
+        files[VECTORS_FILE] = save({"vectors": np.ascontiguousarray(retriever.vectors(), dtype=np.float32)})
+    return files
+
+
+def read_vectors(data: bytes) -> np.ndarray:
+    """`vectors` (N, d) from a VECTORS_FILE (safetensors: never pickle). Raises ValueError."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{VECTORS_FILE} is not a valid safetensors file: {e}") from e
+    v = tensors.get("vectors")
+    if set(tensors) != {"vectors"} or v.ndim != 2 or v.dtype.kind != "f":
+        raise ValueError(f"{VECTORS_FILE} must hold one floating tensor `vectors` (N, d)")
+    return v.astype(np.float32)

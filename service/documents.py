@@ -28,8 +28,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import Field, ValidationError, field_validator
+
 from modules.retrieval import Document, Retriever
-from service.errors import NotFound, Unavailable
+from service.errors import Invalid, NotFound, Unavailable
+from service.schemas import _Strict
 from service.store import ModuleStore, _fsync_dir, _write_atomic
 
 log = logging.getLogger("frozenlm.documents")
@@ -39,6 +42,63 @@ CURRENT = "current.json"
 TRASH_PREFIX = ".documents-trash-"
 _DOCS_FILE = re.compile(r"^docs-(\d+)\.jsonl$")
 _INDEX_DIR = re.compile(r"^index-(\d+)$")
+
+
+RESERVED_IDS = frozenset({"search"})  # GET .../documents/search is the search, not a document
+
+
+class DocumentIn(_Strict):
+    """One line of an upload."""
+
+    id: str = Field(min_length=1, max_length=256, description="Unique within the task; re-posting an id replaces it.")
+    text: str = Field(min_length=1, description="The passage text (not empty).")
+    title: str | None = Field(None, max_length=1024, description="Optional title, searched with the text.")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if any(ord(c) < 32 or ord(c) == 127 for c in v):
+            raise ValueError("id must not hold control characters")
+        if v in RESERVED_IDS:
+            raise ValueError(f"id {v!r} is reserved")
+        return v
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("text is empty")
+        return v
+
+
+def parse_jsonl(body: bytes) -> list[Document]:
+    """Every line a document; the first bad line (numbered from 1) refuses the whole body. Blank lines
+    are skipped."""
+    docs: list[Document] = []
+    seen: dict[str, int] = {}
+    for n, raw in enumerate(body.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise Invalid(f"line {n}: not UTF-8", code="invalid_document") from None
+        except ValueError as e:
+            raise Invalid(f"line {n}: not JSON ({e})", code="invalid_document") from None
+        if not isinstance(row, dict):
+            raise Invalid(f"line {n}: expected an object {{\"id\", \"text\", \"title\"?}}", code="invalid_document")
+        try:
+            doc = DocumentIn.model_validate(row)
+        except ValidationError as e:
+            why = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'line'}: {err['msg']}" for err in e.errors())
+            raise Invalid(f"line {n}: {why}"[:2000], code="invalid_document") from None
+        if doc.id in seen:
+            raise Invalid(f"line {n}: id {doc.id!r} is also on line {seen[doc.id]}", code="duplicate_id")
+        seen[doc.id] = n
+        docs.append(Document(doc.id, doc.text, doc.title))
+    if not docs:
+        raise Invalid("no documents in the body: send one JSON object a line", code="invalid_request")
+    return docs
 
 
 @dataclass(frozen=True)
@@ -51,6 +111,24 @@ class _Snapshot:
     by_id: dict[str, Document] = field(default_factory=dict)
     retriever: Retriever | None = None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskDocuments:
+    """One generation of a task's documents, as a module reads them (`module.documents`, see
+    TaskModule.reads_documents). Its searches run on the engine thread, which holds the backbone
+    lock already: embedding a query (dense, hybrid) does not take it again."""
+
+    snapshot: _Snapshot
+
+    def search(self, query: str, k: int, method: str) -> list[tuple[Document, float]]:
+        snap = self.snapshot
+        if snap.retriever is None:
+            return []
+        return [(snap.by_id[i], s) for i, s in snap.retriever.search(query, k, method, lock_held=True)]
+
+    def __len__(self) -> int:
+        return len(self.snapshot.docs)
 
 
 @dataclass(frozen=True)
@@ -212,6 +290,10 @@ class DocumentStore:
             raise NotFound(f"task {task!r} has no document {doc_id!r}", code="document_not_found")
         return doc
 
+    def view(self, task: str) -> TaskDocuments:
+        """The task's current documents, for a module to search from the engine thread."""
+        return TaskDocuments(self._current(task))
+
     def search(self, task: str, query: str, k: int = 10, method: str = "hybrid") -> list[tuple[Document, float]]:
         """The best k documents for the query (see Retriever.search). Dense passes hold `lock`."""
         snap = self._current(task)
@@ -236,6 +318,21 @@ class DocumentStore:
             with self._guard:
                 self._snapshots[task] = _Snapshot(g, stamp, new, {d.id: d for d in new}, retriever)
             return PutResult(added=len(docs) - replaced, replaced=replaced, count=len(new), generation=g)
+
+    def replace(self, task: str, docs: list[Document], vectors=None) -> PutResult:
+        """Make `docs` the task's documents, all of them, in this order (an artifact that carries
+        documents). `vectors` (N, d): their dense vectors, made by the same retriever settings on
+        this backbone (see modules.retrieval.documents_files): nothing is embedded. Without them,
+        unchanged documents keep their vectors and the rest are embedded."""
+        with self._task_lock(task):
+            old = self._current(task)
+            docs = tuple(docs)
+            retriever = self._retriever().build(docs, reuse=old.retriever, vectors=vectors)
+            g, stamp = self._commit(task, docs, retriever)
+            with self._guard:
+                self._snapshots[task] = _Snapshot(g, stamp, docs, {d.id: d for d in docs}, retriever)
+            kept = len({d.id for d in docs} & set(old.by_id))
+            return PutResult(added=len(docs) - kept, replaced=kept, count=len(docs), generation=g)
 
     def clear(self, task: str) -> None:
         """Delete every document of the task and its index (atomically: the folder is renamed away)."""

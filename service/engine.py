@@ -82,6 +82,8 @@ class Engine:
     def _compute(self, jobs: list[Job]) -> list:
         results: list = [None] * len(jobs)
         rows = prepare(self.backbone, [(j.module, j.ids) for j in jobs])  # probes of every row together
+        for j, r in zip(jobs, rows):
+            j.info = r.info
         scoring = [i for i, j in enumerate(jobs) if j.sampling is None]
         if scoring:
             items = [ScoreItem(rows[i].ids, rows[i].contribution, jobs[i].module.label_ids) for i in scoring]

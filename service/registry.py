@@ -136,13 +136,18 @@ class Registry:
             raise from_artifact_error(e) from e
         return module, (data if MANIFEST_FILE in files else module.to_artifact())
 
-    def put(self, name: str, data: bytes) -> StoredModule:
-        """Validate fully, then store atomically; a refused artifact leaves the store unchanged."""
+    @staticmethod
+    def check_name(name: str) -> None:
+        """A name a module may be stored under (409 for 'base', 422 for one that is not valid)."""
         if name == BASE:
             raise Conflict("the task name 'base' is reserved for the backbone alone", code="reserved_name")
         if not valid_name(name):
             raise Invalid(f"invalid task name {name!r}: must match ^[a-z0-9][a-z0-9._-]{{0,63}}$",
                           code="invalid_name")
+
+    def put(self, name: str, data: bytes) -> StoredModule:
+        """Validate fully, then store atomically; a refused artifact leaves the store unchanged."""
+        self.check_name(name)
         module, data = self.validate(data)
         stored = self.store.put(name, data, module.kind)
         with self._lock:

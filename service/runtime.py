@@ -68,10 +68,10 @@ class Runtime:
             store = ModuleStore(s.store_dir)
             self.registry = Registry(store, self.backbone, s.cache_bytes, max_artifact_bytes=8 * s.max_upload_bytes,
                                      host_cache_bytes=s.host_cache_bytes, pinned=frozenset(s.pinned))
+            self.documents = DocumentStore(store, self.backbone, self.backbone_lock)
             if s.examples and not store.names():
                 self._install_examples(s.examples_dir)
             self.registry.check_all()
-            self.documents = DocumentStore(store, self.backbone, self.backbone_lock)
             self.documents.open_all()
             self.engine = Engine(self.backbone, self.scheduler, on_batch=metrics.observe_batch,
                                  on_cancel=metrics.CANCELLED.inc, lock=self.backbone_lock)
@@ -88,7 +88,7 @@ class Runtime:
 
         for path in sorted(Path(folder).glob("*.zip")):
             try:
-                self.registry.put(path.stem, path.read_bytes())
+                self._put(path.stem, path.read_bytes())
                 log.info("installed example task %s", path.stem)
             except ServiceError as e:
                 log.warning("example task %s not installed: %s", path.stem, e.message)
@@ -128,9 +128,65 @@ class Runtime:
             raise NotFound(f"task {name!r} not found", code="task_not_found")
         return self._task_out(stored, True)
 
+    def _artifact_documents(self, data: bytes):
+        """The documents an artifact carries ((docs, vectors or None)), or None; checked before
+        anything is stored, so a bad documents file refuses the whole upload."""
+        import numpy as np
+
+        from modules.artifact import ArtifactError, read_artifact
+        from modules.retrieval import DOCUMENTS_FILE, VECTORS_FILE, read_vectors
+        from service.documents import parse_jsonl
+        from service.errors import from_artifact_error
+
+        try:
+            files = read_artifact(data, max_bytes=self.registry.max_artifact_bytes)
+        except ArtifactError as e:
+            raise from_artifact_error(e) from e
+        if DOCUMENTS_FILE not in files:
+            return None
+        try:
+            docs = parse_jsonl(files[DOCUMENTS_FILE])
+        except Invalid as e:
+            raise Invalid(f"{DOCUMENTS_FILE}: {e.message}", code="invalid_artifact") from None
+        vectors = None
+        if VECTORS_FILE in files:
+            try:
+                vectors = read_vectors(files[VECTORS_FILE])
+            except ValueError as e:
+                raise Invalid(str(e), code="invalid_artifact") from None
+            want = (len(docs), self.backbone.hidden_size)
+            if vectors.shape != want or not np.isfinite(vectors).all():
+                raise Invalid(f"{VECTORS_FILE}: vectors must be finite, of shape {want}; got {vectors.shape}",
+                              code="invalid_artifact")
+        return docs, vectors
+
+    def _put(self, name: str, data: bytes):
+        """Store a module; an artifact carrying documents makes them the task's documents."""
+        self.registry.check_name(name)
+        documents = self._artifact_documents(data)
+        stored = self.registry.put(name, data)
+        if documents is not None:
+            self.documents.replace(name, *documents)
+        return stored
+
+    def _resolve(self, name: str):
+        """The module serving `name`, with its task's documents attached when its kind reads them
+        (409 while the task has none). Runs in the thread pool."""
+        from service.errors import Conflict
+
+        resolved = self.registry.resolve(name)
+        module = resolved.module
+        if module.reads_documents:
+            view = self.documents.view(resolved.name)
+            if not len(view):
+                raise Conflict(f"task {name!r} ({module.kind}) answers from its documents and has none: "
+                               f"upload them with POST /tasks/{name}/documents (JSON lines)", code="no_documents")
+            module.documents = view  # the newest generation; a module's probe reads it on the engine thread
+        return resolved
+
     async def put_task(self, name: str, data: bytes) -> Uploaded:
         self._require_ready()
-        stored = await run_in_threadpool(self.registry.put, name, data)
+        stored = await run_in_threadpool(self._put, name, data)
         return Uploaded(name=stored.name, version=stored.version, kind=stored.kind, sha256=stored.sha256,
                         size_bytes=stored.size_bytes)
 
@@ -196,12 +252,13 @@ class Runtime:
             raise
 
     @staticmethod
-    def _output(result) -> Output:
+    def _output(result, info: dict | None = None) -> Output:
         from service.engine import Scored
 
+        extra = {"passages": info["passages"]} if info and "passages" in info else {}
         if isinstance(result, Scored):
-            return Output(text=result.label, finish_reason="label", label=result.label, scores=result.scores)
-        return Output(text=result.text, finish_reason=result.finish_reason)
+            return Output(text=result.label, finish_reason="label", label=result.label, scores=result.scores, **extra)
+        return Output(text=result.text, finish_reason=result.finish_reason, **extra)
 
     def _response(self, resolved, jobs, results, t0: float) -> InferResponse:
         completion = sum(len(r.token_ids) for r in results if hasattr(r, "token_ids"))
@@ -209,7 +266,7 @@ class Runtime:
                    "inference": max(j.finished - j.started for j in jobs) * 1e3,
                    "total": (time.monotonic() - t0) * 1e3}
         return InferResponse(task=resolved.name, version=resolved.version,
-                             outputs=[self._output(r) for r in results],
+                             outputs=[self._output(r, j.info) for j, r in zip(jobs, results)],
                              usage=Usage(prompt_tokens=sum(len(j.ids) for j in jobs), completion_tokens=completion),
                              timings_ms={k: round(v, 2) for k, v in timings.items()})
 
@@ -217,7 +274,7 @@ class Runtime:
         """Run a task on inputs (texts, or chat message lists) and wait for every answer."""
         self._require_ready()
         t0 = time.monotonic()
-        resolved = await run_in_threadpool(self.registry.resolve, name)
+        resolved = await run_in_threadpool(self._resolve, name)
         with metrics.track(resolved.name, resolved.module.kind):
             jobs = await run_in_threadpool(self._jobs, resolved.module, inputs, params)
             results = await self._run(jobs, disconnected)
@@ -228,7 +285,7 @@ class Runtime:
         or ("error", {"code", "message"}). Errors before the first event raise as usual."""
         self._require_ready()
         t0 = time.monotonic()
-        resolved = await run_in_threadpool(self.registry.resolve, name)
+        resolved = await run_in_threadpool(self._resolve, name)
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
         jobs = await run_in_threadpool(self._jobs, resolved.module, [one_input], params,

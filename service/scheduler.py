@@ -29,6 +29,7 @@ class Job:
     started: float = 0.0
     finished: float = 0.0
     cancelled: bool = False      # the client went away: skip it, or stop its row at the next step
+    info: dict | None = None     # what the module reported while preparing the row (rrr: its passages)
 
     def cancel(self) -> None:
         self.cancelled = True

@@ -42,11 +42,21 @@ class InferRequest(_Strict):
         return v
 
 
+class Passage(BaseModel):
+    id: str
+    title: str | None = None
+    score: float = Field(description="The reranker's score (the retriever's when the task does not rerank).")
+    retrieval_score: float = Field(description="BM25 score, cosine (dense), or reciprocal-rank-fusion sum (hybrid).")
+    used: bool = Field(description="Packed into the reader's context.")
+
+
 class Output(BaseModel):
     text: str
     finish_reason: str = Field(description="'stop' (EOS or a stop string), 'length', or 'label'.")
     label: str | None = None
     scores: dict[str, float] | None = Field(None, description="Label probabilities (classification tasks).")
+    passages: list[Passage] | None = Field(None, description="Tasks that read documents (rrr): the retrieved "
+                                                             "passages, best first, and which were packed.")
 
 
 class Usage(BaseModel):

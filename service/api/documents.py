@@ -2,51 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from modules.retrieval import Document
 from service.api.deps import AdminDep, ReaderDep, RuntimeDep
-from service.documents import DocumentStore
-from service.errors import Invalid, ServiceError, TooLarge
-from service.schemas import _Strict
+from service.documents import DocumentIn, DocumentStore, parse_jsonl  # noqa: F401  (DocumentIn: re-exported)
+from service.errors import ServiceError, TooLarge
 
 router = APIRouter(prefix="/tasks/{name}/documents", tags=["documents"])
 
 MEDIA_TYPES = ("application/x-ndjson", "application/jsonl")
-RESERVED_IDS = frozenset({"search"})  # GET .../documents/search is the search, not a document
 
 
 class UnsupportedMediaType(ServiceError):
     status, code = 415, "unsupported_media_type"
-
-
-class DocumentIn(_Strict):
-    """One line of an upload."""
-
-    id: str = Field(min_length=1, max_length=256, description="Unique within the task; re-posting an id replaces it.")
-    text: str = Field(min_length=1, description="The passage text (not empty).")
-    title: str | None = Field(None, max_length=1024, description="Optional title, searched with the text.")
-
-    @field_validator("id")
-    @classmethod
-    def _id(cls, v: str) -> str:
-        if any(ord(c) < 32 or ord(c) == 127 for c in v):
-            raise ValueError("id must not hold control characters")
-        if v in RESERVED_IDS:
-            raise ValueError(f"id {v!r} is reserved")
-        return v
-
-    @field_validator("text")
-    @classmethod
-    def _text(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("text is empty")
-        return v
 
 
 class DocumentOut(BaseModel):
@@ -88,36 +60,6 @@ def get_documents(rt: RuntimeDep) -> DocumentStore:
 
 
 DocumentsDep = Annotated[DocumentStore, Depends(get_documents)]
-
-
-def parse_jsonl(body: bytes) -> list[Document]:
-    """Every line a document; the first bad line (numbered from 1) refuses the whole body. Blank lines
-    are skipped."""
-    docs: list[Document] = []
-    seen: dict[str, int] = {}
-    for n, raw in enumerate(body.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise Invalid(f"line {n}: not UTF-8", code="invalid_document") from None
-        except ValueError as e:
-            raise Invalid(f"line {n}: not JSON ({e})", code="invalid_document") from None
-        if not isinstance(row, dict):
-            raise Invalid(f"line {n}: expected an object {{\"id\", \"text\", \"title\"?}}", code="invalid_document")
-        try:
-            doc = DocumentIn.model_validate(row)
-        except ValidationError as e:
-            why = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'line'}: {err['msg']}" for err in e.errors())
-            raise Invalid(f"line {n}: {why}"[:2000], code="invalid_document") from None
-        if doc.id in seen:
-            raise Invalid(f"line {n}: id {doc.id!r} is also on line {seen[doc.id]}", code="duplicate_id")
-        seen[doc.id] = n
-        docs.append(Document(doc.id, doc.text, doc.title))
-    if not docs:
-        raise Invalid("no documents in the body: send one JSON object a line", code="invalid_request")
-    return docs
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
