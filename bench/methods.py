@@ -28,7 +28,11 @@ fixed training rows, `--bbt-popsize` per generation, generations = budget // (po
     .venv/bin/python bench/methods.py --table-only                       # reprint the table from the JSON
 
 Writes bench/results/methods.json (after every method, so a cut-short run keeps what it did) and
-prints a markdown table.
+prints a markdown table. Each trained artifact is kept under `--artifact-dir`; `--resume` keeps the
+results already in `--out` and trains only the methods missing there. Added latency is measured on
+the modules loaded from their artifacts; a resumed method whose artifact is gone is measured on a
+new module of the same kind and config (the same shapes, so the same cost; its weights are not the
+trained ones, and the JSON marks it `latency_from: "same config"`).
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ def run_method(name: str, backbone: Backbone, ds: dict, args) -> tuple[bytes, di
         return module.to_artifact(metrics=metrics), metrics
     if name == "blackbox":
         budget = args.bbt_budget_x * args.steps * args.batch_size
-        gens = max(1, budget // (args.bbt_popsize * args.bbt_rows))
+        gens = max(1, int(budget // (args.bbt_popsize * args.bbt_rows)))
         rows = random.Random(args.seed).sample(ds["train"], args.bbt_rows)
         opts = BlackBoxOptions(intrinsic_dim=args.bbt_dim, popsize=args.bbt_popsize, generations=gens,
                                seed=args.seed, batch_size=32, progress=args.progress)
@@ -129,6 +133,15 @@ def run_method(name: str, backbone: Backbone, ds: dict, args) -> tuple[bytes, di
     metrics = dict(result.metrics)
     metrics["wall_seconds"] = round(time.monotonic() - start, 1)
     return result.artifact, metrics
+
+
+def _fisher_nnz(backbone: Backbone, row: dict) -> dict[str, int]:
+    """A sparse module's nnz spread evenly over its target layers (for a latency stand-in)."""
+    from modules.targets import select_linears
+
+    fisher = row["fisher"]
+    keys = list(select_linears(backbone, fisher["targets"], fisher["layers"]))
+    return {k: max(1, fisher["selected"] // len(keys)) for k in keys}
 
 
 @torch.inference_mode()
@@ -175,9 +188,13 @@ def table(out: dict) -> str:
             params += f" ({any_['child_params']:,} in the D mask)"
         if name == "blackbox":
             params += f" (z; prompt {any_.get('prompt_params', 0):,})"
-        lat = " / ".join(f"{d['added_latency_ms']:+.1f}" if "added_latency_ms" in d else "-" for d in (s, t))
+        lat = " / ".join(f"{d['added_latency_ms']:+.1f}{'*' if 'latency_from' in d else ''}"
+                         if "added_latency_ms" in d else "-" for d in (s, t))
         lines.append(f"| {name} | {what} | {lr if lr else '-'} | {acc(s)} | {acc(t)} | {params} | "
                      f"{any_.get('artifact_bytes', 0):,} | {lat} |")
+    if any("latency_from" in d for row in r.values() for d in row.values()):
+        lines += ["", "\\* latency measured on a new module of the same kind and config (the same shapes and cost; "
+                      "the trained artifact was not kept by the run that trained it)."]
     if "blackbox" in r:
         bb = r["blackbox"].get("sst2") or r["blackbox"].get("trec")
         lines += ["", f"Black-box tuning: d={bb['intrinsic_dim']}, popsize {bb['popsize']}, {bb['generations']} "
@@ -207,6 +224,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     ap.add_argument("--progress", action="store_true", help="progress bars")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--artifact-dir", default=str(Path.home() / ".cache" / "frozenlm" / "bench" / "methods"),
+                    help="where each method's trained artifact is kept")
+    ap.add_argument("--resume", action="store_true", help="keep the results in --out, train only the missing methods")
     ap.add_argument("--table-only", action="store_true", help="print the table from --out and exit")
     args = ap.parse_args()
     if args.table_only:
@@ -234,11 +254,31 @@ def main() -> None:
            "methods": {m: {"kind": METHODS[m][0], "config": METHODS[m][1], "lr": METHODS[m][2],
                            "child_tuning": METHODS[m][3]} for m in methods},
            "results": {}}
+    if args.resume and Path(args.out).is_file():
+        previous = json.loads(Path(args.out).read_text())
+        if previous["budget"] != out["budget"] or previous["datasets"] != out["datasets"]:
+            raise SystemExit(f"--resume: {args.out} was made with another budget or other data; run without --resume")
+        out["results"] = {m: r for m, r in previous["results"].items() if m in methods}
+    artifacts = Path(args.artifact_dir)
+    artifacts.mkdir(parents=True, exist_ok=True)
     loaded: dict[str, dict] = {d: {} for d in data}
     for name in methods:
         for dname, ds in data.items():
+            saved = artifacts / f"{name}-{dname}.zip"
+            if dname in out["results"].get(name, {}):
+                if saved.is_file():
+                    loaded[dname][name] = load_module(read_artifact(saved.read_bytes()), backbone)
+                else:
+                    kind, config = METHODS[name][0], METHODS[name][1]
+                    if name == "sparse":  # trained positions are gone: as many, drawn at random
+                        config = {"nnz": _fisher_nnz(backbone, out["results"][name][dname])}
+                    loaded[dname][name] = kind_class(kind).new(backbone, config, template=ds["template"],
+                                                               labels=ds["labels"])
+                    out["results"][name][dname]["latency_from"] = "same config"
+                continue
             t0 = time.monotonic()
             blob, metrics = run_method(name, backbone, ds, args)
+            saved.write_bytes(blob)
             module = load_module(read_artifact(blob), backbone)
             loaded[dname][name] = module
             row = {"eval_accuracy": metrics.get("eval_accuracy"), "trainable_params": metrics["trainable_params"],

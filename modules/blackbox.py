@@ -71,6 +71,11 @@ class BlackBoxOptions:
     progress: bool = True
 
     def __post_init__(self):
+        counts = {"intrinsic_dim": self.intrinsic_dim, "popsize": self.popsize, "generations": self.generations,
+                  "batch_size": self.batch_size}
+        for name, v in counts.items():
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
         if self.intrinsic_dim < 1 or self.popsize < 2 or self.generations < 0:
             raise ValueError("need intrinsic_dim >= 1, popsize >= 2 and generations >= 0")
         if not (self.sigma > 0 and self.alpha > 0) or (self.bound is not None and self.bound <= 0):

@@ -89,6 +89,8 @@ def test_options_and_rows_are_checked(tiny):
         BlackBoxOptions(popsize=1)
     with pytest.raises(ValueError):
         BlackBoxOptions(loss="mse")
+    with pytest.raises(ValueError, match="generations must be an integer"):
+        BlackBoxOptions(generations=3.0)
     with pytest.raises(ValueError, match="classification rows"):
         blackbox_tune(tiny, [{"input": "a", "target": "b"}], BlackBoxOptions(generations=0, **SMALL),
                       labels=LABELS)
