@@ -331,12 +331,12 @@ def recall_at(corpus: Corpus, questions, methods, k: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train-questions", type=int, default=300)
-    ap.add_argument("--eval-questions", type=int, default=150)
+    ap.add_argument("--train-questions", type=int, default=600)
+    ap.add_argument("--eval-questions", type=int, default=200)
     ap.add_argument("--candidates", type=int, default=8)
     ap.add_argument("--retrieval", default="bm25", choices=["bm25", "dense", "hybrid"])
-    ap.add_argument("--depths", default="10,15", help="reranker depths to choose from (on a validation slice)")
-    ap.add_argument("--rerank-passage-tokens", type=int, default=256)
+    ap.add_argument("--depths", default="10", help="reranker depths to choose from (on a validation slice)")
+    ap.add_argument("--rerank-passage-tokens", type=int, default=160)
     ap.add_argument("--context-tokens", type=int, default=192)
     ap.add_argument("--reader-prompt-tokens", type=int, default=16)
     ap.add_argument("--head-steps", type=int, default=600)
