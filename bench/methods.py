@@ -268,6 +268,9 @@ def main() -> None:
             if dname in out["results"].get(name, {}):
                 if saved.is_file():
                     loaded[dname][name] = load_module(read_artifact(saved.read_bytes()), backbone)
+                elif name == "template":  # no weights: a new one is the same module
+                    loaded[dname][name] = kind_class("template").new(backbone, template=ds["template"],
+                                                                     labels=ds["labels"])
                 else:
                     kind, config = METHODS[name][0], METHODS[name][1]
                     if name == "sparse":  # trained positions are gone: as many, drawn at random
