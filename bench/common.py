@@ -28,11 +28,15 @@ def exact_match(prediction: str, answers: list[str]) -> float:
 
 
 def f1(prediction: str, answers: list[str]) -> float:
-    """Best token-overlap F1 against any gold answer."""
+    """Best token-overlap F1 against any gold answer (SQuAD's: an empty side scores 1 only
+    against another empty side)."""
     best = 0.0
     pred = normalize(prediction).split()
     for a in answers:
         gold = normalize(a).split()
+        if not pred or not gold:
+            best = max(best, float(pred == gold))
+            continue
         common = sum((Counter(pred) & Counter(gold)).values())
         if common:
             p, r = common / len(pred), common / len(gold)

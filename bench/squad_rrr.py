@@ -33,14 +33,11 @@ all 1,048 paragraphs and their dense vectors).
 from __future__ import annotations
 
 import argparse
-import collections
 import hashlib
 import json
 import platform
 import random
-import re
 import statistics
-import string
 import time
 from pathlib import Path
 
@@ -55,6 +52,7 @@ from modules.decode import GenItem, Sampling, ScoreItem, generate, score
 from modules.retrieval import Document, Retriever, documents_files
 from modules.rrr import Candidate, Corpus, RRRModule, pack
 from modules.stages import prepare
+from common import exact_match, f1, normalize  # bench/common.py (the script's folder is on sys.path)
 from tables import squad_rrr as squad_rrr_table  # bench/tables.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,26 +79,8 @@ def load_squad(path: Path = SQUAD):
     return docs, questions
 
 
-def normalize(text: str) -> str:
-    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
-
-
-def f1(prediction: str, gold: str) -> float:
-    p, g = normalize(prediction).split(), normalize(gold).split()
-    common = sum((collections.Counter(p) & collections.Counter(g)).values())
-    if not p or not g:
-        return float(p == g)
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(p), common / len(g)
-    return 2 * precision * recall / (precision + recall)
-
-
 def em_f1(prediction: str, answers: list[str]) -> tuple[float, float]:
-    return (max(float(normalize(prediction) == normalize(a)) for a in answers),
-            max(f1(prediction, a) for a in answers))
+    return exact_match(prediction, answers), f1(prediction, answers)
 
 
 def answer_in(context: str, answers: list[str]) -> bool:
