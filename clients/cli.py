@@ -105,7 +105,6 @@ def _labels(value: str | None) -> dict[str, str] | None:
 def cmd_train(args) -> int:
     from pathlib import Path
 
-    from modules.backbone import Backbone
     from modules.base import load_module, read_artifact
     from modules.train import TrainOptions, lm_rows, mix, read_jsonl, train_module
 
@@ -126,68 +125,87 @@ def cmd_train(args) -> int:
                 sources.append((read_jsonl(spec), 1.0))
         rows = mix(sources, (args.max_steps or sum(len(r) for r, _ in sources) // args.batch_size) * args.batch_size,
                    args.seed)
-    eval_rows = read_jsonl(args.eval) if args.eval else None
-    if args.eval_limit and eval_rows:
-        eval_rows = eval_rows[:args.eval_limit]
-    backbone = Backbone.load(args.backbone or os.environ.get("FROZENLM_BACKBONE") or None,
-                             device=args.device, dtype=args.dtype)
-    manifest = {"template": args.template, "chat": args.chat, "description": args.description}
-    if args.labels:
-        manifest["labels"] = _labels(args.labels)
+    eval_rows = _eval_rows(args)
+    backbone = _backbone(args)
+    manifest = _manifest(args)
     options = TrainOptions(max_steps=args.max_steps, epochs=args.epochs, lr=args.lr,
                            batch_size=args.batch_size, seed=args.seed, child_tuning=args.child_tuning,
                            reserve_p=args.reserve_p, fisher_batches=args.fisher_batches or None)
     init = load_module(read_artifact(Path(args.init).read_bytes()), backbone) if args.init else None
     result = train_module(backbone, args.kind, rows, options, eval_rows=eval_rows, init=init,
                           config=json.loads(args.config) if args.config else None, **manifest)
-    Path(args.out).write_bytes(result.artifact)
-    _print(result.metrics)
-    print(f"wrote {args.out}", file=sys.stderr)
-    return 0
+    return _write(args.out, result)
 
 
 def cmd_blackbox(args) -> int:
     """Black-box tuning (CMA-ES over a projected soft prompt, forward passes only): in process, or
     through a running service with `--url` given after the command (language-model-as-a-service)."""
-    from pathlib import Path
-
     from modules.blackbox import BlackBoxOptions, blackbox_tune, blackbox_tune_http
     from modules.train import read_jsonl
 
     rows = read_jsonl(args.data)
-    eval_rows = read_jsonl(args.eval) if args.eval else None
-    if args.eval_limit and eval_rows:
-        eval_rows = eval_rows[:args.eval_limit]
+    eval_rows = _eval_rows(args)
     opts = BlackBoxOptions(intrinsic_dim=args.intrinsic_dim, popsize=args.popsize, generations=args.generations,
                            sigma=args.sigma, alpha=args.alpha, bound=args.bound, loss=args.loss, seed=args.seed,
                            batch_size=args.batch_size)
     config = json.loads(args.config) if args.config else {}
     if args.num_virtual_tokens is not None:
         config["num_virtual_tokens"] = args.num_virtual_tokens
-    manifest = {"template": args.template, "chat": args.chat, "description": args.description}
-    if args.labels:
-        manifest["labels"] = _labels(args.labels)
-
-    def local_backbone():
-        from modules.backbone import Backbone
-
-        return Backbone.load(args.backbone or os.environ.get("FROZENLM_BACKBONE") or None,
-                             device=args.device, dtype=args.dtype)
-
+    manifest = _manifest(args)
     if args.service:
         from clients.client import Client
 
-        backbone = None if args.embedding_std is not None else local_backbone()
+        backbone = None if args.embedding_std is not None else _backbone(args)
         with Client(args.service, api_key=args.service_key or args.api_key, timeout=args.timeout) as c:
             result = blackbox_tune_http(c, rows, opts, eval_rows, config, backbone=backbone,
                                         embedding_std=args.embedding_std, scratch_task=args.scratch_task,
                                         **manifest)
     else:
-        result = blackbox_tune(local_backbone(), rows, opts, eval_rows, config, **manifest)
-    Path(args.out).write_bytes(result.artifact)
+        result = blackbox_tune(_backbone(args), rows, opts, eval_rows, config, **manifest)
+    return _write(args.out, result)
+
+
+def _module_arguments(s: argparse.ArgumentParser) -> None:
+    """The new module's manifest and the local backbone (train, blackbox); read by `_manifest`
+    and `_backbone`."""
+    s.add_argument("--template", default="{input}", help="input template with {input}")
+    s.add_argument("--chat", action="store_true", help="wrap the template in the chat template")
+    s.add_argument("--labels", help="label verbalizers: JSON object, or a comma list (verbalizer = ' name')")
+    s.add_argument("--description", default="")
+    s.add_argument("--backbone", help="local backbone source (default: FROZENLM_BACKBONE or the embedded one)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="auto")
+
+
+def _eval_rows(args) -> list[dict] | None:
+    from modules.train import read_jsonl
+
+    rows = read_jsonl(args.eval) if args.eval else None
+    return rows[:args.eval_limit] if args.eval_limit and rows else rows
+
+
+def _write(out: str, result) -> int:
+    """A trained module's artifact to `out`, its metrics to stdout."""
+    from pathlib import Path
+
+    Path(out).write_bytes(result.artifact)
     _print(result.metrics)
-    print(f"wrote {args.out}", file=sys.stderr)
+    print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def _manifest(args) -> dict:
+    manifest = {"template": args.template, "chat": args.chat, "description": args.description}
+    if args.labels:
+        manifest["labels"] = _labels(args.labels)
+    return manifest
+
+
+def _backbone(args):
+    from modules.backbone import Backbone
+
+    return Backbone.load(args.backbone or os.environ.get("FROZENLM_BACKBONE") or None,
+                         device=args.device, dtype=args.dtype)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,13 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fisher-batches", type=int, default=8,
                    help="batches the Fisher information is estimated on (Child-Tuning D, kind sparse); "
                         "0 = every training row once (default 8)")
-    s.add_argument("--template", default="{input}", help="input template with {input}")
-    s.add_argument("--chat", action="store_true", help="wrap the template in the chat template")
-    s.add_argument("--labels", help="label verbalizers: JSON object, or a comma list (verbalizer = ' name')")
-    s.add_argument("--description", default="")
-    s.add_argument("--backbone", help="backbone source (default: FROZENLM_BACKBONE or the embedded one)")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--dtype", default="auto")
+    _module_arguments(s)
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("blackbox", help="black-box tuning of a soft prompt (CMA-ES, forward passes only) on "
@@ -293,13 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--loss", choices=["ce", "hinge"], default="ce")
     s.add_argument("--batch-size", type=int, default=32, help="rows per backbone pass / per request")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--template", default="{input}", help="input template with {input}")
-    s.add_argument("--chat", action="store_true", help="wrap the template in the chat template")
-    s.add_argument("--labels", help="label verbalizers: JSON object, or a comma list (verbalizer = ' name')")
-    s.add_argument("--description", default="")
-    s.add_argument("--backbone", help="local backbone source (default: FROZENLM_BACKBONE or the embedded one)")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--dtype", default="auto")
+    _module_arguments(s)
     s.set_defaults(func=cmd_blackbox)
     return p
 

@@ -7,7 +7,6 @@ loads and tokenization go to the thread pool, forward passes to the engine threa
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time

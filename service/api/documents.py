@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import AdminDep, ReaderDep, RuntimeDep
-from service.documents import DocumentIn, DocumentStore, parse_jsonl  # noqa: F401  (DocumentIn: re-exported)
+from service.documents import DocumentStore, parse_jsonl
 from service.errors import ServiceError, TooLarge
 
 router = APIRouter(prefix="/tasks/{name}/documents", tags=["documents"])
