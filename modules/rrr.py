@@ -81,18 +81,13 @@ class RRRConfig(BaseModel):
                                                     "prompt (default: sampled vocabulary).")
     seed: int = 0
 
-    @field_validator("reader_template")
+    @field_validator("reader_template", "rerank_template")
     @classmethod
-    def _reader(cls, v: str) -> str:
-        if v.count("{context}") != 1 or v.count("{input}") != 1 or "{passage}" in v:
-            raise ValueError("reader_template needs {context} and {input} once each")
-        return v
-
-    @field_validator("rerank_template")
-    @classmethod
-    def _rerank(cls, v: str) -> str:
-        if v.count("{passage}") != 1 or v.count("{input}") != 1 or "{context}" in v:
-            raise ValueError("rerank_template needs {passage} and {input} once each")
+    def _slots(cls, v: str, info) -> str:
+        """Each template has its own slot and {input} once each, and not the other's slot."""
+        own, other = ("{context}", "{passage}") if info.field_name == "reader_template" else ("{passage}", "{context}")
+        if v.count(own) != 1 or v.count("{input}") != 1 or other in v:
+            raise ValueError(f"{info.field_name} needs {own} and {{input}} once each")
         return v
 
 
