@@ -240,6 +240,11 @@ class TaskModule(nn.Module):
         """The longest backbone pass a request of `n` rendered tokens leads to (for the input limit)."""
         return n + self.num_virtual_tokens
 
+    def probe_tokens(self, n: int) -> int:
+        """Tokens this module's probes put through the backbone for a request of `n` rendered
+        tokens, before its final row (0 for kinds that do not probe). The scheduler charges them."""
+        return 0
+
     @functools.cached_property
     def label_ids(self) -> list[list[int]]:
         """Token ids of each label's verbalizer, in the manifest's label order."""
