@@ -79,14 +79,26 @@ class GenItem:
 class Generated:
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" (EOS or a stop string), "length", or "cancelled"
+    finish_reason: str  # "stop" (EOS or a stop string), "length", "cancelled", or "error"
+    error: RowError | None = None  # why this row stopped, when finish_reason is "error"
+
+
+class RowError(RuntimeError):
+    """One row could not go on (e.g. its module produced non-finite logits); the other rows of its
+    batch are unaffected."""
 
 
 def _pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
-    """One next token for one row from its logits. (V,) -> int"""
+    """One next token for one row from its logits. (V,) -> int
+
+    Sampling is computed as softmax((logits - max) / T) in float64: every scaled logit is <= 0 and
+    the best is exactly 0, so no temperature the API accepts (down to the smallest double) can make
+    inf or NaN; a tiny T is greedy up to ties, a large one close to uniform. (In float32 a T below
+    about 1e-45 rounds to 0 and 0/0 is NaN.)"""
     if s.temperature == 0.0:
         return int(logits.argmax())
-    logits = logits.float().cpu() / s.temperature
+    logits = logits.double().cpu()
+    logits = (logits - logits.max()) / s.temperature
     if s.top_k:
         kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -108,6 +120,7 @@ class _RowState:
         self.text = ""
         self.emitted = 0
         self.finish: str | None = None
+        self.error: RowError | None = None
         self._prefix = self._read = 0  # ids[_prefix:_read] decode to the end of `text`
         self.gen = None
         if item.sampling.temperature > 0:
@@ -118,6 +131,9 @@ class _RowState:
                 self.gen.manual_seed(item.sampling.seed)
         # A stop string may span tokens: hold back that much text while streaming.
         self.holdback = max((len(s) for s in item.sampling.stop), default=1) - 1
+
+    def fail(self, error: RowError) -> None:
+        self.finish, self.error = "error", error
 
     def _detokenize(self, final: bool) -> None:
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
@@ -170,7 +186,11 @@ def generate(backbone, items: list[GenItem]) -> list[Generated]:
     mask, pos = p.mask, p.positions[:, -1:] + 1                                      # (B, S+L), (B, 1)
     active = list(range(len(items)))
     while True:
+        finite = torch.isfinite(logits).all(-1).tolist()                                # (b,)
         for j, i in enumerate(active):
+            if not finite[j]:  # only this row's module is to blame: it stops, the others go on
+                states[i].fail(RowError("the task's module produced non-finite logits"))
+                continue
             states[i].push(_pick(logits[j], states[i].item.sampling, states[i].gen))
         keep = [j for j, i in enumerate(active) if states[i].finish is None]
         if not keep:
@@ -186,4 +206,4 @@ def generate(backbone, items: list[GenItem]) -> list[Generated]:
         hidden = backbone.forward(backbone.embed(last), mask, pos, cache, deltas)       # (b, 1, H)
         logits = backbone.logits(hidden[:, -1])                                         # (b, V)
         pos = pos + 1
-    return [Generated(s.ids, s.text, s.finish) for s in states]
+    return [Generated(s.ids, s.text, s.finish, s.error) for s in states]

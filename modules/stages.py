@@ -44,16 +44,25 @@ class Prepared:
     e.g. the passages a reader was given)."""
 
     ids: list[int]
-    contribution: Contribution
+    contribution: Contribution | None
     info: dict | None = None
+    error: Exception | None = None  # this row's module failed while preparing it; the others go on
 
 
-def prepare(backbone, requests: list[tuple[object, list[int]]]) -> list[Prepared]:
+def prepare(backbone, requests: list[tuple[object, list[int]]], isolate: bool = False) -> list[Prepared]:
     """The final row of each (module, ids) request; the probes of all requests run batched.
 
     A module's `finish(ids, results)` gets one result per probe row: hidden states (len(row), H),
-    or a list of n sampled texts. Differentiable when called with gradients on (the trainer)."""
-    probes = [module.probe(ids) for module, ids in requests]
+    or a list of n sampled texts. Differentiable when called with gradients on (the trainer).
+    `isolate=True` (the server): a module that fails on its own row gives that row an `error` and
+    the other rows are prepared as usual; otherwise the first such error is raised."""
+    probes, failed = [], {}
+    for i, (module, ids) in enumerate(requests):
+        try:
+            probes.append(module.probe(ids))
+        except Exception as e:  # noqa: BLE001 - one module's fault stays with its own row
+            probes.append(None)
+            failed[i] = e
     results: list[list] = [[None] * len(p.rows) if p is not None else [] for p in probes]
     hidden = [(i, j) for i, p in enumerate(probes) if p is not None and p.sampling is None for j in range(len(p.rows))]
     if hidden:
@@ -71,16 +80,27 @@ def prepare(backbone, requests: list[tuple[object, list[int]]]) -> list[Prepared
             s, row = probes[i].sampling, probes[i].rows[j]
             items += [GenItem(row.ids, row.contribution, replace(s, seed=None if s.seed is None else s.seed + k))
                       for k in range(probes[i].n)]
-        texts = [g.text for g in generate(backbone, items)]
+        generated = generate(backbone, items)
         at = 0
         for i, j in sampled:
-            results[i][j] = texts[at:at + probes[i].n]
+            mine = generated[at:at + probes[i].n]
+            results[i][j] = [g.text for g in mine]
+            failed.update({i: g.error for g in mine if g.error is not None})
             at += probes[i].n
-    out = []
-    for (module, ids), probe, result in zip(requests, probes, results):
-        if probe is None:
-            out.append(Prepared(ids, module.contribution(ids)))
-        else:
-            done = module.finish(ids, result)
-            out.append(done if isinstance(done, Prepared) else Prepared(*done))
+    out = [Prepared(ids, None, error=failed[i]) if i in failed else _finish(module, ids, probe, result)
+           for i, ((module, ids), probe, result) in enumerate(zip(requests, probes, results))]
+    errors = [p.error for p in out if p.error is not None]
+    if errors and not isolate:
+        raise errors[0]
     return out
+
+
+def _finish(module, ids: list[int], probe: Probe | None, result: list) -> Prepared:
+    """The row's final pass from its probe results (or from its ids alone); a failure stays in the row."""
+    try:
+        if probe is None:
+            return Prepared(ids, module.contribution(ids))
+        done = module.finish(ids, result)
+        return done if isinstance(done, Prepared) else Prepared(*done)
+    except Exception as e:  # noqa: BLE001 - one module's fault stays with its own row
+        return Prepared(ids, None, error=e)

@@ -7,6 +7,7 @@ decoded together with one KV cache. Each job's future gets its own result.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from modules.backbone import Backbone
-from modules.decode import GenItem, ScoreItem, generate, score
+from modules.decode import GenItem, RowError, ScoreItem, generate, score
 from modules.stages import prepare
 from service.scheduler import Job, Scheduler
 
@@ -64,37 +65,91 @@ class Engine:
         start = time.monotonic()
         for j in jobs:
             j.started = start
-        try:
-            with self.lock, torch.inference_mode():
-                results = self._compute(jobs)
-        except Exception as e:  # noqa: BLE001 - every waiting request must hear about it
-            log.exception("batch of %d failed", len(jobs))
-            for j in jobs:
-                j.future.set_exception(e)
-            return
+            _fix_seed(j)
+            if j.on_text is not None:
+                j.on_text = _Once(j.on_text)
+        results = self._isolated(jobs)
         end = time.monotonic()
         for j, r in zip(jobs, results):
             j.finished = end
-            j.future.set_result(r)
+            if isinstance(r, BaseException):
+                j.future.set_exception(r)
+            else:
+                j.future.set_result(r)
         if self.on_batch:
-            self.on_batch(jobs, results, end - start)
+            done = [(j, r) for j, r in zip(jobs, results) if not isinstance(r, BaseException)]
+            if done:
+                self.on_batch(*map(list, zip(*done)), end - start)
+
+    def _isolated(self, jobs: list[Job]) -> list:
+        """Each job's result or its own exception. A module that fails on its own row fails that row
+        only (see `_compute`); a failure of the whole pass that cannot be pinned on a row reruns every
+        row alone, so only the rows that fail alone fail."""
+        try:
+            with self.lock, torch.inference_mode():
+                return self._compute(jobs)
+        except Exception as e:  # noqa: BLE001 - every waiting request must hear about it
+            if len(jobs) == 1:
+                log.exception("a row of task kind %s failed", jobs[0].module.kind)
+                return [e]
+            log.warning("a batch of %d rows failed (%s: %s); running each row alone", len(jobs), type(e).__name__, e)
+            return [self._isolated([j])[0] for j in jobs]
 
     def _compute(self, jobs: list[Job]) -> list:
         results: list = [None] * len(jobs)
-        rows = prepare(self.backbone, [(j.module, j.ids) for j in jobs])  # probes of every row together
-        for j, r in zip(jobs, rows):
+        rows = prepare(self.backbone, [(j.module, j.ids) for j in jobs], isolate=True)  # probes of every row together
+        for i, (j, r) in enumerate(zip(jobs, rows)):
             j.info = r.info
-        scoring = [i for i, j in enumerate(jobs) if j.sampling is None]
+            if r.error is not None:
+                log.error("task kind %s failed to prepare its row: %s: %s", j.module.kind, type(r.error).__name__, r.error)
+                results[i] = r.error
+        ok = [i for i in range(len(jobs)) if results[i] is None]
+        scoring = [i for i in ok if jobs[i].sampling is None]
         if scoring:
             items = [ScoreItem(rows[i].ids, rows[i].contribution, jobs[i].module.label_ids) for i in scoring]
             for i, ll in zip(scoring, score(self.backbone, items)):
-                names = list(jobs[i].module.manifest.labels)
-                probs = torch.softmax(ll.float(), -1).tolist()
-                results[i] = Scored(names[int(ll.argmax())], dict(zip(names, probs)))
-        gen = [i for i, j in enumerate(jobs) if j.sampling is not None]
+                results[i] = _scored(jobs[i].module, ll)
+        gen = [i for i in ok if jobs[i].sampling is not None]
         if gen:
-            items = [GenItem(rows[i].ids, rows[i].contribution, jobs[i].sampling, jobs[i].on_text,
+            items = [GenItem(rows[i].ids, rows[i].contribution, jobs[i].sampling,
+                             jobs[i].on_text and jobs[i].on_text.attempt(),
                              stop_requested=lambda j=jobs[i]: j.cancelled) for i in gen]
             for i, g in zip(gen, generate(self.backbone, items)):
-                results[i] = g
+                results[i] = g if g.error is None else g.error
         return results
+
+
+def _scored(module, ll: torch.Tensor) -> Scored | RowError:
+    """The label and label probabilities from each label's log-likelihood, (K,)."""
+    if not torch.isfinite(ll).all():
+        return RowError("the task's module produced non-finite label scores")
+    names = list(module.manifest.labels)
+    probs = torch.softmax(ll.float(), -1).tolist()
+    return Scored(names[int(ll.argmax())], dict(zip(names, probs)))
+
+
+def _fix_seed(job: Job) -> None:
+    """Give an unseeded sampled row a seed of its own, so that running it again (alone, after its
+    batch failed) reproduces the text it may already have streamed."""
+    s = job.sampling
+    if s is not None and s.temperature > 0 and s.seed is None:
+        s.seed = random.getrandbits(63)
+
+
+class _Once:
+    """A job's streaming callback that never sends the same text twice: a row run again after its
+    batch failed regenerates the same text (greedy, or seeded), and only what is new goes out."""
+
+    def __init__(self, send):
+        self.send, self.sent, self.seen = send, 0, 0
+
+    def attempt(self) -> "_Once":
+        self.seen = 0
+        return self
+
+    def __call__(self, piece: str) -> None:
+        self.seen += len(piece)
+        fresh = self.seen - self.sent
+        if fresh > 0:
+            self.send(piece[-fresh:])
+            self.sent = self.seen
