@@ -16,7 +16,8 @@ from tests.conftest import INTEGRATION_ADMIN_KEY
 
 pytestmark = pytest.mark.integration
 
-SST2_DEV = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "sst2" / "stsa.binary.dev"
+DATA = Path(__file__).resolve().parent / "data"  # small slices of public data sets; see data/README.md
+SST2_DEV = DATA / "sst2" / "stsa.binary.dev.head200"
 SST2_TEMPLATE = "Review: {input}\nSentiment:"
 SST2_LABELS = {"negative": " negative", "positive": " positive"}
 
@@ -51,8 +52,7 @@ def test_the_idpt_example_answers_p3_prompts_in_a_batch_with_other_tasks(server,
     base share batches and give the answers each gets alone."""
     task = {t.name: t for t in admin.list_tasks()}["p3-idpt"]
     assert task.kind == "idpt" and task.status == "ready"
-    p3 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "p3"
-    rows = [json.loads(line) for line in (p3 / "ag_news_classify_with_choices.jsonl").read_text().splitlines()[::40]]
+    rows = [json.loads(line) for line in (DATA / "p3" / "ag_news_classify_with_choices.every40.jsonl").read_text().splitlines()]
     options = {"Business", "Science and technology", "World politics", "Sports"}
     answers = [admin.infer("p3-idpt", r["prompt"], max_new_tokens=8).outputs[0].text.strip() for r in rows]
     assert all(a in options for a in answers), answers  # the task's answer format, learned from the mix

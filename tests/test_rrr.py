@@ -345,7 +345,7 @@ def test_an_artifact_with_bad_documents_is_refused_and_stores_nothing(served, fi
 # --- on the real backbone ------------------------------------------------------------------------
 
 EXAMPLE = __import__("pathlib").Path(__file__).resolve().parent.parent / "examples" / "tasks" / "squad-rrr.zip"
-SQUAD = EXAMPLE.parent.parent.parent.parent / "shared" / "data" / "squad" / "dev-v1.1.part1of2.json"
+SQUAD = EXAMPLE.parent.parent.parent / "tests" / "data" / "squad" / "dev-v1.1.article1.json"  # a slice, see its README
 
 
 @pytest.mark.integration
@@ -368,7 +368,7 @@ def test_the_squad_example_and_documents_uploaded_through_the_api(admin, server)
     admin.upload("kb-rrr", pack(files))
     with pytest.raises(Conflict, match="no documents|has none"):
         admin.infer("kb-rrr", "anything")
-    article = json.loads(SQUAD.read_text())["data"][1]  # Warsaw
+    article = json.loads(SQUAD.read_text())["data"][0]  # Warsaw
     docs = [Document(f"warsaw-{i}", p["context"], "Warsaw") for i, p in enumerate(article["paragraphs"][:10])]
     r = httpx.post(f"{server[0]}/tasks/kb-rrr/documents", content=_jsonl(docs), timeout=300,
                    headers={**JSONL, "Authorization": f"Bearer {INTEGRATION_ADMIN_KEY}"})
