@@ -1,0 +1,97 @@
+"""The running batch (rows join and leave between decode steps) against each row alone."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from modules.batch import Contribution
+from modules.decode import GenItem, Sampling, generate
+from modules.running import RunningBatch
+from tests.test_batching import _items, _modules
+
+
+def _run(tiny, schedule: dict[int, list[GenItem]], slots: int = 8) -> dict[int, object]:
+    """Join schedule[k] before step k; step until every row has finished. {id(item): Generated}"""
+    batch, out, k = RunningBatch(tiny, slots=slots), {}, 0
+    while k <= max(schedule) or len(batch):
+        if schedule.get(k):
+            batch.join(schedule[k])
+        out.update({id(item): g for item, g in batch.step()})
+        k += 1
+    return out
+
+
+def _alone(tiny, items):
+    return {id(it): generate(tiny, [it])[0] for it in items}
+
+
+def test_rows_joining_at_different_steps_get_their_alone_tokens(tiny):
+    """Every kind (soft prompts, prefixes, LoRAs, composed, probing kinds' final rows), joining
+    while others are mid-decode at several steps, produces the greedy tokens it produces alone."""
+    items = _items(tiny, _modules(tiny), n_new=10)
+    rng = random.Random(0)
+    schedule: dict[int, list[GenItem]] = {}
+    for it in items:
+        schedule.setdefault(rng.choice([0, 0, 1, 3, 4, 7, 12]), []).append(it)
+    alone, joined = _alone(tiny, items), _run(tiny, schedule)
+    assert len(joined) == len(items)
+    for it in items:
+        assert joined[id(it)].token_ids == alone[id(it)].token_ids
+        assert joined[id(it)].finish_reason == alone[id(it)].finish_reason
+
+
+def test_leaving_in_any_order_changes_nobody_and_buffers_reshape(tiny):
+    """Rows of many lengths leave at different steps; a long prompt joins late (room on the left),
+    more rows than slots join (slots grow), and the survivors' tokens never change."""
+    items = _items(tiny, _modules(tiny), n_new=9)
+    long = GenItem(tiny.tokenizer("long " * 40)["input_ids"], Contribution(), Sampling(max_new_tokens=6))
+    schedule = {0: items[:3], 2: items[3:14], 5: [long] + items[14:]}
+    alone, joined = _alone(tiny, items + [long]), _run(tiny, schedule, slots=2)
+    for it in items + [long]:
+        assert joined[id(it)].token_ids == alone[id(it)].token_ids
+
+
+def test_seeded_sampled_row_same_alone_or_joined(tiny):
+    mods = _modules(tiny)
+    items = _items(tiny, mods, n_new=8)
+    sampled = GenItem(items[1].ids, items[1].contribution, Sampling(max_new_tokens=8, temperature=0.9, seed=7))
+    again = GenItem(items[1].ids, items[1].contribution, Sampling(max_new_tokens=8, temperature=0.9, seed=7))
+    joined = _run(tiny, {0: items[:5], 3: [sampled]})
+    assert joined[id(sampled)].token_ids == generate(tiny, [again])[0].token_ids
+
+
+def test_a_failing_row_fails_alone(tiny):
+    """A module whose delta raises mid-decode fails its own row; the others keep their tokens."""
+    items = _items(tiny, _modules(tiny), n_new=8)[:6]
+
+    class Broken:
+        keys = frozenset({"layers.0.self_attn.q_proj"})
+        calls = 0
+
+        def __call__(self, key, x, y):
+            Broken.calls += 1
+            if x.shape[1] == 1:  # fine while prefilling, fails while decoding
+                raise RuntimeError("boom")
+            return y
+
+    bad = GenItem(items[0].ids, Contribution(linear=Broken()), Sampling(max_new_tokens=8))
+    joined = _run(tiny, {0: items[:3], 2: [bad] + items[3:]})
+    alone = _alone(tiny, items)
+    assert joined[id(bad)].finish_reason == "error" and "boom" in str(joined[id(bad)].error)
+    for it in items:
+        assert joined[id(it)].token_ids == alone[id(it)].token_ids
+
+
+def test_kv_tokens_count_live_rows_only(tiny):
+    items = [GenItem(tiny.tokenizer(t)["input_ids"], Contribution(), Sampling(max_new_tokens=n, ignore_eos=True))
+             for t, n in (("hello", 2), ("a longer prompt here", 5))]
+    batch = RunningBatch(tiny)
+    batch.join(items)
+    held = sum(len(it.ids) for it in items)
+    assert batch.tokens == held  # the prompts; the first tokens are picked but not yet in the cache
+    batch.step()  # each row's first token enters the cache; the 2-token row has its second and leaves
+    assert len(batch) == 1 and batch.tokens == len(items[1].ids) + 1
+    batch.step()
+    assert batch.tokens == len(items[1].ids) + 2
