@@ -73,6 +73,7 @@ class GenItem:
     sampling: Sampling
     on_text: Callable[[str], None] | None = None  # called with each new piece of text (streaming)
     stop_requested: Callable[[], bool] | None = None  # true once the caller gave up: the row stops
+    prefix_key: str | None = None  # the module's content hash: its leading keys/values may be cached
 
 
 @dataclass

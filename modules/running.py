@@ -28,8 +28,9 @@ import logging
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from modules.batch import DeltaPlan, Row, build_pass
+from modules.batch import Contribution, DeltaPlan, Row, build_pass
 from modules.decode import Generated, GenItem, RowError, _pick, _RowState
+from modules.prefix_cache import PrefixCache
 
 log = logging.getLogger("frozenlm.running")
 
@@ -81,8 +82,9 @@ class RunningBatch:
                 ...
     """
 
-    def __init__(self, backbone, slots: int = _MIN_SLOTS, columns: int = _MIN_COLUMNS):
-        self.backbone = backbone
+    def __init__(self, backbone, slots: int = _MIN_SLOTS, columns: int = _MIN_COLUMNS,
+                 prefix_cache: PrefixCache | None = None):
+        self.backbone, self.prefix_cache = backbone, prefix_cache
         i = backbone.info
         dev, dt = backbone.device, backbone.dtype
         shape = (slots, i.num_kv_heads, columns, i.head_dim)
@@ -110,10 +112,11 @@ class RunningBatch:
         """Prefill `items` together and give each its first token; those that go on take free slots."""
         bb = self.backbone
         states = [_RowState(it, bb.tokenizer, bb.eos_token_ids) for it in items]
-        p = build_pass(bb, [Row(it.ids, it.contribution) for it in items])
+        p = build_pass(bb, [self._cached(it) for it in items])
         cache = p.cache if p.cache is not None else bb.new_cache()
         hidden = bb.forward(p.embeds, p.mask, p.positions, cache, p.deltas)              # (b, L, H)
         logits = bb.logits(hidden[:, -1])                                                # (b, V)
+        self._remember(items, p.mask, cache)
         _push(states, logits)
         going = [b for b, s in enumerate(states) if s.finish is None]
         self._done += [(s.item, _result(s)) for s in states if s.finish is not None]
@@ -134,6 +137,26 @@ class RunningBatch:
         for b, s in zip(going, free):
             self.rows[s] = states[b]
         self._plan = None
+
+    def _cached(self, item: GenItem) -> Row:
+        """The row to prefill: its leading keys/values from the prefix cache where they are there."""
+        h, kv = self.prefix_cache.lookup(item.prefix_key, item.ids) if self.prefix_cache else (0, None)
+        if kv is None:
+            return Row(item.ids, item.contribution)
+        return Row(item.ids[h:], Contribution(prefix=kv, linear=item.contribution.linear))
+
+    def _remember(self, items: list[GenItem], mask: torch.Tensor, cache) -> None:
+        """Put the prefilled rows' leading blocks in the prefix cache (each row's real columns, in order)."""
+        if self.prefix_cache is None:
+            return
+        for b, it in enumerate(items):
+            if it.prefix_key is None:
+                continue
+            cols = mask[b].nonzero().squeeze(1)
+            keys = torch.stack([layer.keys[b][:, cols] for layer in cache.layers])          # (N, kvh, P+V+T, hd)
+            values = torch.stack([layer.values[b][:, cols] for layer in cache.layers])
+            c = it.contribution
+            self.prefix_cache.insert(it.prefix_key, it.ids, keys, values, c.prefix_length + c.num_virtual_tokens)
 
     def _make_room(self, rows: int, width: int) -> None:
         """Free slots for `rows` more rows, `width` columns before `n` and one at `n`: copies the live

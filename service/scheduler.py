@@ -57,18 +57,22 @@ class Scheduler:
             self._q.extend(jobs)
             self._cond.notify()
 
-    def next_batch(self, timeout: float = 0.5) -> list[Job]:
-        """Up to max_batch_size jobs within the token budget (at least one); [] on timeout or close."""
+    def next_batch(self, timeout: float = 0.5, rows: int | None = None, tokens: int | None = None) -> list[Job]:
+        """The oldest jobs, up to `rows` (default max_batch_size) within `tokens` of cost (default
+        max_batch_tokens); [] on timeout or close. With the defaults at least one job is taken; a
+        caller that passes smaller limits (room left in a running batch) may get none."""
+        room = tokens if tokens is not None else self.max_batch_tokens
+        rows = self.max_batch_size if rows is None else min(rows, self.max_batch_size)
         with self._cond:
-            if not self._q:
+            if not self._q and timeout > 0:
                 self._cond.wait(timeout)
-            batch, tokens = [], 0
-            while self._q and len(batch) < self.max_batch_size:
+            batch, used = [], 0
+            while self._q and len(batch) < rows:
                 job = self._q[0]
-                if batch and tokens + job.cost > self.max_batch_tokens:
+                if used + job.cost > room and (batch or tokens is not None):
                     break
                 batch.append(self._q.popleft())
-                tokens += job.cost
+                used += job.cost
             return batch
 
     def close(self) -> None:

@@ -95,3 +95,66 @@ def test_kv_tokens_count_live_rows_only(tiny):
     assert len(batch) == 1 and batch.tokens == len(items[1].ids) + 1
     batch.step()
     assert batch.tokens == len(items[1].ids) + 2
+
+
+# --- prefix caching -------------------------------------------------------------------------------
+
+HEAD = "You are a careful assistant. Read the request below and answer it in one short line. " * 2
+
+
+def _cache_items(tiny, mods, texts, n=6):
+    from modules.prefix_cache import content_key
+
+    out = []
+    for m in mods:
+        for t in texts:
+            ids = m.encode(HEAD + t)
+            out.append(GenItem(ids, m.contribution(ids), Sampling(max_new_tokens=n), prefix_key=content_key(m)))
+    return out
+
+
+def test_a_prefix_cache_hit_gives_the_tokens_of_a_miss(tiny):
+    """Rows of prompt, prefix, LoRA, composed and base modules sharing a 40-token head: the second
+    wave finds the head's blocks cached and gets exactly the tokens the first wave got."""
+    from modules.prefix_cache import BLOCK, PrefixCache
+
+    mods = [m for m in _modules(tiny) if not m.probes]
+    cache = PrefixCache(max_tokens=100_000)
+    first = _cache_items(tiny, mods, ["one", "and two"])
+    alone = _alone(tiny, first)
+    batch = RunningBatch(tiny, prefix_cache=cache)
+    batch.join(first)
+    assert cache.hits == 0 and cache.tokens > 0
+    second = _cache_items(tiny, mods, ["one", "three, four and five"])
+    batch.join(second)
+    assert cache.hits == len(second)  # every row found at least its first block
+    done = {}
+    while len(batch):
+        done.update({id(i): g for i, g in batch.step()})
+    done.update({id(i): g for i, g in batch.step()})
+    for it in first:
+        assert done[id(it)].token_ids == alone[id(it)].token_ids
+    for it, again in zip(second, _alone(tiny, second).values()):
+        assert done[id(it)].token_ids == again.token_ids
+    assert len(tiny.tokenizer(HEAD)["input_ids"]) > 2 * BLOCK  # the head covers several blocks
+
+
+def test_the_prefix_cache_is_keyed_by_content_and_bounded(tiny):
+    from modules.base import kind_class
+    from modules.prefix_cache import BLOCK, PrefixCache, content_key
+    from tests.test_batching import _randomize
+
+    a = _randomize(kind_class("prompt").new(tiny, {"num_virtual_tokens": 3}), 1, 1.0)
+    b = _randomize(kind_class("prompt").new(tiny, {"num_virtual_tokens": 3}), 2, 1.0)  # same name-free shape, other weights
+    same_as_a = kind_class("prompt").from_tensors(a.manifest, a.tensors(), tiny)      # a reloaded copy of a
+    assert content_key(a) != content_key(b) and content_key(a) == content_key(same_as_a)
+    cache = PrefixCache(max_tokens=100_000)
+    batch = RunningBatch(tiny, prefix_cache=cache)
+    batch.join(_cache_items(tiny, [a], ["x"], n=1))
+    batch.join(_cache_items(tiny, [b], ["x"], n=1))
+    assert cache.hits == 0  # b never reads a's keys/values
+    batch.join(_cache_items(tiny, [same_as_a], ["y"], n=1))
+    assert cache.hits == 1
+    small = PrefixCache(max_tokens=3 * BLOCK)
+    RunningBatch(tiny, prefix_cache=small).join(_cache_items(tiny, [a, b], ["x"], n=1))
+    assert 0 < small.tokens <= 3 * BLOCK

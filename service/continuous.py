@@ -1,0 +1,147 @@
+"""The iteration-level engine: rows join and leave the running batch at every decode step.
+
+Each step of the engine thread:
+
+    queue --admit (FIFO, within the free rows and the KV budget)--> prepare: probes of the admitted
+    rows, batched (idpt, rrr, recursive) --> scoring rows: one pass, answered now
+                                         --> generation rows: prefilled together, join the batch
+    running batch --one decode token for every running row--> finished rows answered and gone
+
+So a one-pass request that arrives while long generations run waits for one step, not for the
+longest generation. A row keeps the module object it started with (a hot-swapped version applies
+to later requests), streams as it goes, and stops at the next step once its caller gives up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from modules.decode import GenItem, ScoreItem, score
+from modules.running import RunningBatch
+from modules.stages import prepare
+from service.engine import Engine, _fix_seed, _Once, _scored
+from service.scheduler import Job
+
+log = logging.getLogger("frozenlm.engine")
+
+
+class ContinuousEngine(Engine):
+    """`Engine`'s interface, scheduled per step. `kv_tokens` bounds the tokens the running rows may
+    hold (each admitted row reserves its prompt plus its max_new_tokens, so the cache never outgrows
+    the budget); `max_running` bounds the rows decoded together."""
+
+    def __init__(self, backbone, scheduler, on_batch=None, on_cancel=None, lock=None,
+                 max_running: int = 32, kv_tokens: int = 65536, on_step=None):
+        super().__init__(backbone, scheduler, on_batch=on_batch, on_cancel=on_cancel, lock=lock)
+        if kv_tokens < scheduler.max_batch_tokens:  # a job the queue accepts must fit an empty batch
+            raise ValueError(f"the KV budget ({kv_tokens} tokens) is below the largest job the queue "
+                             f"accepts ({scheduler.max_batch_tokens} tokens)")
+        self.max_running, self.kv_tokens = max_running, kv_tokens
+        self.on_step = on_step        # callback(running rows, kv tokens, seconds, jobs stepped), for metrics
+        self.batch = RunningBatch(backbone)
+        self._running: dict[int, Job] = {}  # id(GenItem) -> its job
+
+    @property
+    def reserved(self) -> int:
+        return sum(j.cost for j in self._running.values())
+
+    def _loop(self) -> None:
+        while True:
+            idle = not self._running
+            jobs = self.scheduler.next_batch(timeout=0.5 if idle else 0, rows=self.max_running - len(self._running),
+                                             tokens=self.kv_tokens - self.reserved)
+            if jobs:
+                self._admit(jobs)
+            elif idle:
+                if self.scheduler.closed:
+                    return
+                continue
+            if self._running:
+                self._step()
+
+    def _admit(self, jobs: list[Job]) -> None:
+        runnable = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # skip cancelled requests
+        if self.on_cancel and len(runnable) < len(jobs):
+            self.on_cancel(len(jobs) - len(runnable))
+        start = time.monotonic()
+        for j in runnable:
+            j.started = start
+            _fix_seed(j)
+            if j.on_text is not None:
+                j.on_text = _Once(j.on_text)
+        with self.lock, torch.inference_mode():
+            rows = prepare(self.backbone, [(j.module, j.ids) for j in runnable], isolate=True)
+            ready = []
+            for j, r in zip(runnable, rows):
+                j.info = r.info
+                if r.error is not None:
+                    log.error("task kind %s failed to prepare its row: %s: %s", j.module.kind, type(r.error).__name__, r.error)
+                    self._answer([(j, r.error)])
+                else:
+                    ready.append((j, r))
+            self._score([(j, r) for j, r in ready if j.sampling is None])
+            self._join([(j, r) for j, r in ready if j.sampling is not None])
+
+    def _score(self, pairs: list) -> None:
+        """One pass for every scoring row admitted; a pass that fails runs each row alone."""
+        if not pairs:
+            return
+        try:
+            lls = score(self.backbone, [ScoreItem(r.ids, r.contribution, j.module.label_ids) for j, r in pairs])
+        except Exception as e:  # noqa: BLE001 - only the rows that fail alone fail
+            if len(pairs) == 1:
+                log.exception("a row of task kind %s failed", pairs[0][0].module.kind)
+                return self._answer([(pairs[0][0], e)])
+            for pair in pairs:
+                self._score([pair])
+            return
+        self._answer([(j, _scored(j.module, ll)) for (j, _), ll in zip(pairs, lls)])
+
+    def _join(self, pairs: list) -> None:
+        """Prefill the admitted generation rows together into the running batch; a prefill that fails
+        joins each row alone."""
+        if not pairs:
+            return
+        items = [GenItem(r.ids, r.contribution, j.sampling, j.on_text and j.on_text.attempt(),
+                         stop_requested=lambda j=j: j.cancelled) for j, r in pairs]
+        try:
+            self.batch.join(items)
+        except Exception as e:  # noqa: BLE001
+            if len(pairs) == 1:
+                log.exception("a row of task kind %s failed", pairs[0][0].module.kind)
+                return self._answer([(pairs[0][0], e)])
+            for pair in pairs:
+                self._join([pair])
+            return
+        self._running.update({id(it): j for it, (j, _) in zip(items, pairs)})
+
+    def _step(self) -> None:
+        start = time.monotonic()
+        stepped = list(self._running.values())
+        try:
+            with self.lock:
+                done = self.batch.step()
+        except Exception as e:  # noqa: BLE001 - not one row's fault (a row's is caught in the batch): all fail
+            log.exception("a decode step of %d rows failed", len(stepped))
+            self.batch = RunningBatch(self.backbone)
+            self._running.clear()
+            return self._answer([(j, e) for j in stepped])
+        seconds = time.monotonic() - start
+        if self.on_step:
+            self.on_step(len(self.batch), self.batch.tokens, seconds, stepped)
+        self._answer([(self._running.pop(id(it)), g if g.error is None else g.error) for it, g in done])
+
+    def _answer(self, results: list) -> None:
+        end = time.monotonic()
+        for j, r in results:
+            j.finished = end
+            if isinstance(r, BaseException):
+                j.future.set_exception(r)
+            else:
+                j.future.set_result(r)
+        done = [(j, r) for j, r in results if not isinstance(r, BaseException)]
+        if self.on_batch and done:
+            self.on_batch(*map(list, zip(*done)), end - min(j.started for j, _ in done))

@@ -1,0 +1,120 @@
+"""The iteration-level engine on a tiny random model: short requests do not wait for long
+generations, rows joining at any step get what they get alone, one row's failure stays its own."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from modules.base import NoModule
+from modules.decode import Sampling
+from service.continuous import ContinuousEngine
+from service.engine import Engine
+from service.scheduler import Job, Scheduler
+from tests.test_batching import _modules
+from tests.test_engine import _broken, _job, _outcome, _prompt, _same
+
+
+@pytest.fixture
+def engine(tiny):
+    steps = []
+    e = ContinuousEngine(tiny, Scheduler(max_queue=64, max_batch_tokens=4096), kv_tokens=4096, on_step=lambda *a: steps.append(a))
+    e.steps = steps
+    e.start()
+    yield e
+    e.stop()
+
+
+def _alone(tiny, make) -> object:
+    job = make()
+    Engine(tiny, Scheduler()).run([job])
+    return _outcome(job)
+
+
+def _wait(jobs: list[Job]) -> list:
+    for j in jobs:
+        j.future.exception(timeout=120)
+    return [_outcome(j) for j in jobs]
+
+
+def test_a_scoring_request_does_not_wait_for_long_generations(tiny, engine):
+    """While rows generate 60 tokens, a classification row submitted after them finishes first,
+    within a few steps, and with the scores it gets alone."""
+    base = NoModule(tiny)
+    longs = [_job(base, t, Sampling(max_new_tokens=60, ignore_eos=True)) for t in ("hello", "the quick brown fox")]
+    engine.scheduler.submit(longs)
+    while not engine.steps:  # the long rows are decoding
+        time.sleep(0.005)
+    scorer = _prompt(tiny, 2, labels={"yes": " yes", "no": " nope"})
+    short = _job(scorer, "is it?", None)
+    engine.scheduler.submit([short])
+    _wait([short])
+    assert not any(j.future.done() for j in longs)  # still decoding when the short one was answered
+    assert _same(_outcome(short), _alone(tiny, lambda: _job(scorer, "is it?", None)))
+    _wait(longs)
+    assert all(j.finished > short.finished for j in longs)
+
+
+def test_rows_joining_mid_decode_get_their_alone_results(tiny, engine):
+    """Jobs of every kind (probing kinds included) submitted at different moments while others
+    decode: each gets exactly its alone result."""
+    mods = _modules(tiny)
+    scorer = _prompt(tiny, 3, labels={"a": " a", "b": " bb"})
+    makers = [lambda m=m, t=t, n=n: _job(m, t, Sampling(max_new_tokens=n))
+              for m, t, n in zip(mods, ["a", "hello there", "xyz xyz", "the quick brown fox"] * 4, [4, 9, 14] * 6)]
+    makers += [lambda: _job(scorer, "pick one", None), lambda: _job(mods[0], "seeded", Sampling(
+        max_new_tokens=7, temperature=0.8, top_k=20, seed=11))]
+    alone = [_alone(tiny, make) for make in makers]
+    jobs = []
+    for i, make in enumerate(makers):
+        job = make()
+        jobs.append(job)
+        engine.scheduler.submit([job])
+        if i % 4 == 3:
+            time.sleep(0.05)  # let some steps run: later jobs join mid-decode
+    got = _wait(jobs)
+    assert len({len(s[3]) for s in engine.steps}) > 1  # steps ran with different numbers of rows
+    for a, g in zip(alone, got):
+        assert _same(g, a)
+
+
+@pytest.mark.parametrize("how", ["raises", "nan", "bad_shape"])
+def test_a_failing_row_fails_only_its_own_request(tiny, engine, how):
+    base = NoModule(tiny)
+    makers = [lambda: _job(base, "hello", Sampling(max_new_tokens=8)),
+              lambda: _job(_prompt(tiny, 1), "zz top", Sampling(max_new_tokens=5))]
+    alone = [_alone(tiny, make) for make in makers]
+    jobs = [makers[0](), _job(_broken(tiny, how), "boom", Sampling(max_new_tokens=6)), makers[1]()]
+    engine.scheduler.submit(jobs)
+    got = _wait(jobs)
+    assert isinstance(got[1], type) and issubclass(got[1], Exception)
+    assert _same(got[0], alone[0]) and _same(got[2], alone[1])
+
+
+def test_a_cancelled_row_stops_at_the_next_step(tiny, engine):
+    base = NoModule(tiny)
+    job = _job(base, "hello", Sampling(max_new_tokens=2000, ignore_eos=True))
+    other = _job(base, "other", Sampling(max_new_tokens=20, ignore_eos=True))
+    engine.scheduler.submit([job, other])
+    while not engine.steps:
+        time.sleep(0.005)
+    job.cancelled = True
+    assert job.future.result(timeout=60).finish_reason == "cancelled"
+    assert other.future.result(timeout=60).finish_reason == "length"
+
+
+def test_the_kv_budget_holds_rows_back_in_the_queue(tiny):
+    """Each running row reserves prompt + max_new_tokens; a row that would pass the budget waits."""
+    base = NoModule(tiny)
+    jobs = [Job(base, base.encode(t), Sampling(max_new_tokens=30, ignore_eos=True), cost=40) for t in "abcd"]
+    seen = []
+    engine = ContinuousEngine(tiny, Scheduler(max_batch_tokens=80), kv_tokens=80,
+                              on_step=lambda rows, kv, s, stepped: seen.append(len(stepped)))
+    engine.scheduler.submit(jobs)
+    engine.start()
+    try:
+        _wait(jobs)
+    finally:
+        engine.stop()
+    assert max(seen) == 2 and all(j.future.result().finish_reason == "length" for j in jobs)
