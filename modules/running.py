@@ -1,24 +1,33 @@
-"""The running batch of an iteration-level engine: generation rows join and leave between steps.
+"""The running batch of an iteration-level engine: generation rows join and leave at every step.
 
-Keys and values live in one buffer per layer, `(slots, kv_heads, columns, head_dim)`. Every step
-writes the next token of every slot at the same column `n`, so a decode step appends one column:
+A step prefills what its token budget allows of the rows waiting to join (long prompts over
+several steps), then runs one decode token for every running row:
+
+    join(items) --> waiting --prefill chunks (<= prefill_tokens per step)--> first token --> a slot
+    slots --one decode token per step--> a row leaves the step it finishes (EOS, stop, length, cancel)
+
+A chunk after the first runs as a row whose earlier keys/values come in as a key/value prefix
+(`modules.batch.Contribution.prefix`), exactly as a `prefix` module's do; a prefix-cache hit
+(`modules.prefix_cache`) starts a row the same way.
+
+Keys and values of the running rows live in one buffer per layer, `(slots, kv_heads, columns,
+head_dim)`. Every decode step writes the next token of every slot at the same column `n`:
 
     columns:   0 ......................... n-1 | n
     slot 0:    [ row a: prompt + generated    ] | next token of a
     slot 1:    [ masked ....| row b (joined)  ] | next token of b
     slot 2:    [ free (masked, ignored)       ] | -
 
-A joining row is prefilled on its own (together with the other rows joining at the same step),
-then its keys/values are copied into a free slot, right-aligned to end at column `n`; the columns
-before it are masked. So a join copies only the joining rows' cache, and a leaving row only frees
-its slot: no running row's cache is copied when others join or leave. The buffer is copied only
-when it must change shape: more columns (doubling, so amortised), a joining row longer than `n`
-(room on the left), or compaction when most slots or leading columns are dead. Attention still
-reads the columns before a late row's start (masked): that is the price of not copying, bounded
-by compaction.
+A row that finishes its prefill is copied into a free slot, right-aligned to end at column `n`,
+the columns before it masked. So a join copies only the joining row's keys/values, and a leaving
+row only frees its slot: no running row's cache is copied when others join or leave (where HF's
+DynamicCache concatenates every row's cache at every step). The buffer is copied only when it
+must change shape: more columns (doubling, so amortised), a joining row longer than `n` (room on
+the left), or compaction when most slots or leading columns are dead. The price of not copying:
+attention reads the masked columns before a late row's start, bounded by that compaction.
 
 Each row keeps its own position ids, mask and linear deltas, so its tokens are those it gets alone
-(the same left-padding argument as `modules.batch`).
+(the left-padding argument of `modules.batch`).
 """
 
 from __future__ import annotations
@@ -70,6 +79,21 @@ class _SlotCache(DynamicCache):
         self.layers = [_SlotLayer(self, k, v) for k, v in zip(keys, values)]
 
 
+class _Waiting:
+    """A joined row part-way through its prefill: `done` ids are in `kv`, 2 x (N, kvh, P, hd)."""
+
+    def __init__(self, state: _RowState, done: int = 0, kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.state, self.done, self.kv = state, done, kv
+
+    def row(self, n: int) -> Row:
+        """The next chunk of n ids: after the keys/values so far, or (first chunk) with the module's
+        own contribution."""
+        item = self.state.item
+        if self.kv is None:
+            return Row(item.ids[:n], item.contribution)
+        return Row(item.ids[self.done:self.done + n], Contribution(prefix=self.kv, linear=item.contribution.linear))
+
+
 class RunningBatch:
     """Generation rows being decoded, one token per `step`; rows `join` at any step.
 
@@ -82,9 +106,9 @@ class RunningBatch:
                 ...
     """
 
-    def __init__(self, backbone, slots: int = _MIN_SLOTS, columns: int = _MIN_COLUMNS,
-                 prefix_cache: PrefixCache | None = None):
-        self.backbone, self.prefix_cache = backbone, prefix_cache
+    def __init__(self, backbone, prefix_cache: PrefixCache | None = None, prefill_tokens: int = 512,
+                 slots: int = _MIN_SLOTS, columns: int = _MIN_COLUMNS):
+        self.backbone, self.prefix_cache, self.prefill_tokens = backbone, prefix_cache, prefill_tokens
         i = backbone.info
         dev, dt = backbone.device, backbone.dtype
         shape = (slots, i.num_kv_heads, columns, i.head_dim)
@@ -96,67 +120,109 @@ class RunningBatch:
         self.n = 0                                                             # the next column to write
         self._plan: DeltaPlan | None = None
         self._done: list[tuple[GenItem, Generated]] = []
+        self._waiting: list[_Waiting] = []                                     # joined, prefill not done
 
     def __len__(self) -> int:
-        return sum(r is not None for r in self.rows)
+        """Rows joined and not finished (decoding or waiting for their prefill)."""
+        return sum(r is not None for r in self.rows) + len(self._waiting)
 
     @property
     def tokens(self) -> int:
-        """KV columns the live rows hold (what a KV budget counts)."""
-        return int(self.mask[[s for s, r in enumerate(self.rows) if r is not None]].sum()) if len(self) else 0
+        """KV columns the rows hold: the live rows' and those of rows part-way through their prefill."""
+        live = [s for s, r in enumerate(self.rows) if r is not None]
+        return (int(self.mask[live].sum()) if live else 0) + sum(w.kv[0].shape[2] for w in self._waiting if w.kv)
+
+    @property
+    def waiting(self) -> int:
+        """Rows joined but not yet through their prefill."""
+        return len(self._waiting)
 
     # --- joining -------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def join(self, items: list[GenItem]) -> None:
-        """Prefill `items` together and give each its first token; those that go on take free slots."""
+        """Queue `items` for prefill: the next steps prefill them (in chunks, within the per-step
+        budget, starting from any cached prefix); each then takes a free slot with its first token."""
+        for it in items:
+            h, kv = self.prefix_cache.lookup(it.prefix_key, it.ids) if self.prefix_cache else (0, None)
+            self._waiting.append(_Waiting(_RowState(it, self.backbone.tokenizer, self.backbone.eos_token_ids), h, kv))
+
+    def _chunks(self) -> list[tuple["_Waiting", int]]:
+        """The waiting rows of this step's prefill, FIFO, and how many ids each gets, within
+        `prefill_tokens` (a row's virtual tokens count too; every row taken gets at least one id)."""
+        out, budget = [], self.prefill_tokens
+        for w in self._waiting:
+            if budget <= 0:
+                break
+            lead = w.state.item.contribution.num_virtual_tokens if w.kv is None else 0
+            n = min(len(w.state.item.ids) - w.done, max(budget - lead, 1))
+            out.append((w, n))
+            budget -= lead + n
+        return out
+
+    def _prefill(self) -> None:
+        """One prefill pass over this step's chunks; a pass that fails runs each row alone."""
+        chunks = self._chunks()
+        try:
+            self._prefill_pass(chunks)
+        except Exception as e:  # noqa: BLE001 - only the rows that fail alone fail
+            if len(chunks) > 1:
+                log.warning("a prefill of %d rows failed (%s: %s); prefilling each row alone", len(chunks), type(e).__name__, e)
+                for chunk in chunks:
+                    self._prefill_alone(chunk)
+            else:
+                self._prefill_alone(chunks[0])
+
+    def _prefill_alone(self, chunk: tuple["_Waiting", int]) -> None:
+        try:
+            self._prefill_pass([chunk])
+        except Exception as e:  # noqa: BLE001
+            w = chunk[0]
+            self._waiting.remove(w)
+            w.state.fail(RowError(f"the task's module failed: {type(e).__name__}: {e}"))
+            self._done.append((w.state.item, _result(w.state)))
+
+    def _prefill_pass(self, chunks: list[tuple["_Waiting", int]]) -> None:
         bb = self.backbone
-        states = [_RowState(it, bb.tokenizer, bb.eos_token_ids) for it in items]
-        p = build_pass(bb, [self._cached(it) for it in items])
+        p = build_pass(bb, [w.row(n) for w, n in chunks])
         cache = p.cache if p.cache is not None else bb.new_cache()
         hidden = bb.forward(p.embeds, p.mask, p.positions, cache, p.deltas)              # (b, L, H)
         logits = bb.logits(hidden[:, -1])                                                # (b, V)
-        self._remember(items, p.mask, cache)
-        _push(states, logits)
-        going = [b for b, s in enumerate(states) if s.finish is None]
-        self._done += [(s.item, _result(s)) for s in states if s.finish is not None]
-        if not going:
+        ready = []
+        for b, (w, n) in enumerate(chunks):
+            cols = p.mask[b].nonzero().squeeze(1)  # the row's keys/values so far, in order
+            w.kv = (torch.stack([layer.keys[b][:, cols] for layer in cache.layers]),       # (N, kvh, P, hd)
+                    torch.stack([layer.values[b][:, cols] for layer in cache.layers]))
+            w.done += n
+            if w.done == len(w.state.item.ids):
+                ready.append((w, logits[b]))
+        for w, _ in ready:
+            self._waiting.remove(w)
+            if self.prefix_cache is not None:
+                c = w.state.item.contribution
+                self.prefix_cache.insert(w.state.item.prefix_key, w.state.item.ids, *w.kv,
+                                         c.prefix_length + c.num_virtual_tokens)
+        if ready:
+            _push([w.state for w, _ in ready], torch.stack([lg for _, lg in ready]))
+            self._done += [(w.state.item, _result(w.state)) for w, _ in ready if w.state.finish is not None]
+            self._place([w for w, _ in ready if w.state.finish is None])
+
+    def _place(self, rows: list["_Waiting"]) -> None:
+        """Copy prefilled rows' keys/values into free slots, right-aligned to end at column n."""
+        if not rows:
             return
-        width = p.mask.shape[1]                                                          # S+L columns
-        self._make_room(len(going), width)
-        free = [s for s, r in enumerate(self.rows) if r is None][:len(going)]
-        idx = torch.tensor(going, device=p.mask.device)
-        dst = torch.tensor(free, device=p.mask.device)
-        for layer in range(bb.info.num_layers):
-            k, v = cache.layers[layer].keys, cache.layers[layer].values                  # (b, kvh, S+L, hd)
-            self.keys[layer][dst, :, self.n - width:self.n] = k.index_select(0, idx).to(self.keys[layer].dtype)
-            self.values[layer][dst, :, self.n - width:self.n] = v.index_select(0, idx).to(self.values[layer].dtype)
-        self.mask[dst] = 0
-        self.mask[dst, self.n - width:self.n] = p.mask.index_select(0, idx)
-        self.pos[dst] = p.positions.index_select(0, idx)[:, -1] + 1
-        for b, s in zip(going, free):
-            self.rows[s] = states[b]
+        self._make_room(len(rows), max(w.kv[0].shape[2] for w in rows))
+        free = [s for s, r in enumerate(self.rows) if r is None][:len(rows)]
+        for w, s in zip(rows, free):
+            keys, values = w.kv
+            P = keys.shape[2]
+            for layer in range(len(self.keys)):
+                self.keys[layer][s, :, self.n - P:self.n] = keys[layer]
+                self.values[layer][s, :, self.n - P:self.n] = values[layer]
+            self.mask[s] = 0
+            self.mask[s, self.n - P:self.n] = 1
+            self.pos[s] = P  # a row's positions count its prefix, virtual tokens and ids: the next is P
+            self.rows[s] = w.state
         self._plan = None
-
-    def _cached(self, item: GenItem) -> Row:
-        """The row to prefill: its leading keys/values from the prefix cache where they are there."""
-        h, kv = self.prefix_cache.lookup(item.prefix_key, item.ids) if self.prefix_cache else (0, None)
-        if kv is None:
-            return Row(item.ids, item.contribution)
-        return Row(item.ids[h:], Contribution(prefix=kv, linear=item.contribution.linear))
-
-    def _remember(self, items: list[GenItem], mask: torch.Tensor, cache) -> None:
-        """Put the prefilled rows' leading blocks in the prefix cache (each row's real columns, in order)."""
-        if self.prefix_cache is None:
-            return
-        for b, it in enumerate(items):
-            if it.prefix_key is None:
-                continue
-            cols = mask[b].nonzero().squeeze(1)
-            keys = torch.stack([layer.keys[b][:, cols] for layer in cache.layers])          # (N, kvh, P+V+T, hd)
-            values = torch.stack([layer.values[b][:, cols] for layer in cache.layers])
-            c = it.contribution
-            self.prefix_cache.insert(it.prefix_key, it.ids, keys, values, c.prefix_length + c.num_virtual_tokens)
 
     def _make_room(self, rows: int, width: int) -> None:
         """Free slots for `rows` more rows, `width` columns before `n` and one at `n`: copies the live
@@ -193,8 +259,11 @@ class RunningBatch:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[GenItem, Generated]]:
-        """One decode token for every live row; returns the rows that finished since the last step
-        (including those that finished on their first token when they joined)."""
+        """Prefill what this step's budget allows of the waiting rows, then one decode token for
+        every live row; returns the rows that finished in this step (including rows whose first
+        token ended them)."""
+        if self._waiting:
+            self._prefill()
         live = [s for s, r in enumerate(self.rows) if r is not None]
         if live:
             self._make_room(0, 0)

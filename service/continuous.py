@@ -20,6 +20,7 @@ import time
 import torch
 
 from modules.decode import GenItem, ScoreItem, score
+from modules.prefix_cache import PrefixCache, content_key
 from modules.running import RunningBatch
 from modules.stages import prepare
 from service.engine import Engine, _fix_seed, _Once, _scored
@@ -31,17 +32,20 @@ log = logging.getLogger("frozenlm.engine")
 class ContinuousEngine(Engine):
     """`Engine`'s interface, scheduled per step. `kv_tokens` bounds the tokens the running rows may
     hold (each admitted row reserves its prompt plus its max_new_tokens, so the cache never outgrows
-    the budget); `max_running` bounds the rows decoded together."""
+    the budget); `max_running` bounds the rows decoded together; `prefill_tokens` bounds the prompt
+    tokens prefilled per step (longer prompts take several steps, so running rows keep decoding);
+    `prefix_cache_tokens` bounds the cached keys/values of rows' leading tokens."""
 
     def __init__(self, backbone, scheduler, on_batch=None, on_cancel=None, lock=None,
-                 max_running: int = 32, kv_tokens: int = 65536, on_step=None):
+                 max_running: int = 32, kv_tokens: int = 65536, prefill_tokens: int = 512,
+                 prefix_cache_tokens: int = 8192, on_step=None):
         super().__init__(backbone, scheduler, on_batch=on_batch, on_cancel=on_cancel, lock=lock)
         if kv_tokens < scheduler.max_batch_tokens:  # a job the queue accepts must fit an empty batch
             raise ValueError(f"the KV budget ({kv_tokens} tokens) is below the largest job the queue "
                              f"accepts ({scheduler.max_batch_tokens} tokens)")
         self.max_running, self.kv_tokens = max_running, kv_tokens
         self.on_step = on_step        # callback(running rows, kv tokens, seconds, jobs stepped), for metrics
-        self.batch = RunningBatch(backbone)
+        self.batch = RunningBatch(backbone, PrefixCache(prefix_cache_tokens), prefill_tokens)
         self._running: dict[int, Job] = {}  # id(GenItem) -> its job
 
     @property
@@ -101,21 +105,10 @@ class ContinuousEngine(Engine):
         self._answer([(j, _scored(j.module, ll)) for (j, _), ll in zip(pairs, lls)])
 
     def _join(self, pairs: list) -> None:
-        """Prefill the admitted generation rows together into the running batch; a prefill that fails
-        joins each row alone."""
-        if not pairs:
-            return
+        """The admitted generation rows join the running batch (their prefill runs in the next steps)."""
         items = [GenItem(r.ids, r.contribution, j.sampling, j.on_text and j.on_text.attempt(),
-                         stop_requested=lambda j=j: j.cancelled) for j, r in pairs]
-        try:
-            self.batch.join(items)
-        except Exception as e:  # noqa: BLE001
-            if len(pairs) == 1:
-                log.exception("a row of task kind %s failed", pairs[0][0].module.kind)
-                return self._answer([(pairs[0][0], e)])
-            for pair in pairs:
-                self._join([pair])
-            return
+                         stop_requested=lambda j=j: j.cancelled, prefix_key=content_key(j.module)) for j, r in pairs]
+        self.batch.join(items)
         self._running.update({id(it): j for it, (j, _) in zip(items, pairs)})
 
     def _step(self) -> None:
@@ -126,7 +119,7 @@ class ContinuousEngine(Engine):
                 done = self.batch.step()
         except Exception as e:  # noqa: BLE001 - not one row's fault (a row's is caught in the batch): all fail
             log.exception("a decode step of %d rows failed", len(stepped))
-            self.batch = RunningBatch(self.backbone)
+            self.batch = RunningBatch(self.backbone, self.batch.prefix_cache, self.batch.prefill_tokens)
             self._running.clear()
             return self._answer([(j, e) for j in stepped])
         seconds = time.monotonic() - start

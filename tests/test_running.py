@@ -89,13 +89,11 @@ def test_kv_tokens_count_live_rows_only(tiny):
              for t, n in (("hello", 2), ("a longer prompt here", 5))]
     batch = RunningBatch(tiny)
     batch.join(items)
-    held = sum(len(it.ids) for it in items)
-    assert batch.tokens == held  # the prompts; the first tokens are picked but not yet in the cache
-    batch.step()  # each row's first token enters the cache; the 2-token row has its second and leaves
+    assert batch.tokens == 0 and batch.waiting == 2 and len(batch) == 2  # nothing prefilled before a step
+    batch.step()  # prefill (first tokens), then a decode step: the 2-token row has its second and leaves
     assert len(batch) == 1 and batch.tokens == len(items[1].ids) + 1
     batch.step()
     assert batch.tokens == len(items[1].ids) + 2
-
 
 # --- prefix caching -------------------------------------------------------------------------------
 
@@ -122,16 +120,16 @@ def test_a_prefix_cache_hit_gives_the_tokens_of_a_miss(tiny):
     cache = PrefixCache(max_tokens=100_000)
     first = _cache_items(tiny, mods, ["one", "and two"])
     alone = _alone(tiny, first)
-    batch = RunningBatch(tiny, prefix_cache=cache)
+    batch, done = RunningBatch(tiny, prefix_cache=cache), {}
     batch.join(first)
+    while batch.waiting:  # prefilled in chunks over several steps
+        done.update({id(i): g for i, g in batch.step()})
     assert cache.hits == 0 and cache.tokens > 0
     second = _cache_items(tiny, mods, ["one", "three, four and five"])
     batch.join(second)
     assert cache.hits == len(second)  # every row found at least its first block
-    done = {}
     while len(batch):
         done.update({id(i): g for i, g in batch.step()})
-    done.update({id(i): g for i, g in batch.step()})
     for it in first:
         assert done[id(it)].token_ids == alone[id(it)].token_ids
     for it, again in zip(second, _alone(tiny, second).values()):
@@ -150,11 +148,30 @@ def test_the_prefix_cache_is_keyed_by_content_and_bounded(tiny):
     assert content_key(a) != content_key(b) and content_key(a) == content_key(same_as_a)
     cache = PrefixCache(max_tokens=100_000)
     batch = RunningBatch(tiny, prefix_cache=cache)
-    batch.join(_cache_items(tiny, [a], ["x"], n=1))
-    batch.join(_cache_items(tiny, [b], ["x"], n=1))
-    assert cache.hits == 0  # b never reads a's keys/values
-    batch.join(_cache_items(tiny, [same_as_a], ["y"], n=1))
-    assert cache.hits == 1
+    for module, text in ((a, "x"), (b, "x"), (same_as_a, "y")):
+        batch.join(_cache_items(tiny, [module], [text], n=1))
+        batch.step()
+        assert cache.hits == (module is same_as_a)  # b never reads a's keys/values; a's copy does
     small = PrefixCache(max_tokens=3 * BLOCK)
-    RunningBatch(tiny, prefix_cache=small).join(_cache_items(tiny, [a, b], ["x"], n=1))
+    batch = RunningBatch(tiny, prefix_cache=small)
+    batch.join(_cache_items(tiny, [a, b], ["x"], n=1))
+    batch.step()
     assert 0 < small.tokens <= 3 * BLOCK
+
+
+def test_long_prompts_prefilled_in_chunks_get_their_alone_tokens(tiny):
+    """A per-step prefill budget of 7 tokens: every row (soft prompts, prefixes, LoRAs, composed)
+    is prefilled over several steps while others decode, and still gets its alone tokens."""
+    items = _items(tiny, _modules(tiny), n_new=6)
+    batch, done, k = RunningBatch(tiny, prefill_tokens=7), {}, 0
+    chunked = 0
+    while k < len(items) or len(batch):
+        if k < len(items):
+            batch.join(items[k:k + 3])
+            k += 3
+        chunked += batch.waiting > 0
+        done.update({id(i): g for i, g in batch.step()})
+    alone = _alone(tiny, items)
+    assert chunked > len(items) // 3  # rows waited for their prefill over several steps
+    for it in items:
+        assert done[id(it)].token_ids == alone[id(it)].token_ids
