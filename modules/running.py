@@ -121,6 +121,8 @@ class RunningBatch:
         self._plan: DeltaPlan | None = None
         self._done: list[tuple[GenItem, Generated]] = []
         self._waiting: list[_Waiting] = []                                     # joined, prefill not done
+        self.first: list[GenItem] = []    # the rows that got their first token in the last step
+        self.decoded: list[GenItem] = []  # the rows that got a next token in the last step's decode
 
     def __len__(self) -> int:
         """Rows joined and not finished (decoding or waiting for their prefill)."""
@@ -203,6 +205,7 @@ class RunningBatch:
                                          c.prefix_length + c.num_virtual_tokens)
         if ready:
             _push([w.state for w, _ in ready], torch.stack([lg for _, lg in ready]))
+            self.first += [w.state.item for w, _ in ready]
             self._done += [(w.state.item, _result(w.state)) for w, _ in ready if w.state.finish is not None]
             self._place([w for w, _ in ready if w.state.finish is None])
 
@@ -262,6 +265,7 @@ class RunningBatch:
         """Prefill what this step's budget allows of the waiting rows, then one decode token for
         every live row; returns the rows that finished in this step (including rows whose first
         token ended them)."""
+        self.first, self.decoded = [], []
         if self._waiting:
             self._prefill()
         live = [s for s, r in enumerate(self.rows) if r is not None]
@@ -290,6 +294,7 @@ class RunningBatch:
         self.n += 1
         self.pos[:hi] += 1
         _push([self.rows[s] for s in live], logits[live])
+        self.decoded = [self.rows[s].item for s in live]
         self._release(live)
 
     def _decode_alone(self, live: list[int]) -> None:
@@ -311,6 +316,7 @@ class RunningBatch:
         self.pos += 1
         for s, lg in logits.items():
             _push([self.rows[s]], lg[None])
+        self.decoded = [self.rows[s].item for s in logits]
         self._release(live)
 
     def _release(self, live: list[int]) -> None:

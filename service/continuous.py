@@ -44,7 +44,7 @@ class ContinuousEngine(Engine):
             raise ValueError(f"the KV budget ({kv_tokens} tokens) is below the largest job the queue "
                              f"accepts ({scheduler.max_batch_tokens} tokens)")
         self.max_running, self.kv_tokens = max_running, kv_tokens
-        self.on_step = on_step        # callback(running rows, kv tokens, seconds, jobs stepped), for metrics
+        self.on_step = on_step  # callback(batch, seconds, jobs decoded, jobs given their first token), for metrics
         self.batch = RunningBatch(backbone, PrefixCache(prefix_cache_tokens), prefill_tokens)
         self._running: dict[int, Job] = {}  # id(GenItem) -> its job
 
@@ -124,7 +124,8 @@ class ContinuousEngine(Engine):
             return self._answer([(j, e) for j in stepped])
         seconds = time.monotonic() - start
         if self.on_step:
-            self.on_step(len(self.batch), self.batch.tokens, seconds, stepped)
+            jobs = lambda items: [self._running[id(it)] for it in items]  # noqa: E731
+            self.on_step(self.batch, seconds, jobs(self.batch.decoded), jobs(self.batch.first))
         self._answer([(self._running.pop(id(it)), g if g.error is None else g.error) for it, g in done])
 
     def _answer(self, results: list) -> None:

@@ -26,6 +26,31 @@ MODULES_LOADED = Gauge("frozenlm_modules_loaded", "Modules on the device.", regi
 MODULE_BYTES = Gauge("frozenlm_module_bytes", "Bytes of modules on the device.", registry=REGISTRY)
 DEVICE_MEMORY = Gauge("frozenlm_device_memory_bytes", "Memory allocated on the CUDA device (0 on CPU).",
                       registry=REGISTRY)
+_STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TTFT = Histogram("frozenlm_time_to_first_token_seconds", "From queueing to a generation row's first token.",
+                 ["task", "kind"], buckets=_STEP_BUCKETS, registry=REGISTRY)
+ITL = Histogram("frozenlm_inter_token_seconds", "Between two tokens of a generation row (one engine step).",
+                ["task", "kind"], buckets=_STEP_BUCKETS, registry=REGISTRY)
+RUNNING_ROWS = Gauge("frozenlm_running_rows", "Rows in the running batch (decoding, or waiting for their prefill).",
+                     registry=REGISTRY)
+KV_TOKENS = Gauge("frozenlm_kv_tokens", "Key/value positions the running rows hold.", registry=REGISTRY)
+PREFIX_CACHE = Gauge("frozenlm_prefix_cache", "Prefix cache: lookups since start that hit or missed, and the "
+                     "tokens it holds.", ["event"], registry=REGISTRY)
+
+
+def observe_step(batch, seconds: float, decoded: list, first: list) -> None:
+    """One step of the continuous engine: `decoded` are the jobs that got a next token in it,
+    `first` those that got their first."""
+    RUNNING_ROWS.set(len(batch))
+    KV_TOKENS.set(batch.tokens)
+    if batch.prefix_cache is not None:
+        for event in ("hits", "misses", "tokens"):
+            PREFIX_CACHE.labels(event).set(getattr(batch.prefix_cache, event))
+    now = time.monotonic()
+    for j in decoded:
+        ITL.labels(j.task, j.module.kind).observe(seconds)
+    for j in first:
+        TTFT.labels(j.task, j.module.kind).observe(now - j.enqueued)
 
 
 @contextmanager

@@ -23,6 +23,7 @@ class Job:
     ids: list[int]
     sampling: object | None      # modules.decode.Sampling; None = score the module's labels
     cost: int                    # tokens this job may occupy in a batch
+    task: str = ""               # the task's name (metrics)
     on_text: object | None = None
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)

@@ -74,7 +74,7 @@ def test_rows_joining_mid_decode_get_their_alone_results(tiny, engine):
         if i % 4 == 3:
             time.sleep(0.05)  # let some steps run: later jobs join mid-decode
     got = _wait(jobs)
-    assert len({len(s[3]) for s in engine.steps}) > 1  # steps ran with different numbers of rows
+    assert len({len(s[2]) for s in engine.steps}) > 1  # steps decoded different numbers of rows
     for a, g in zip(alone, got):
         assert _same(g, a)
 
@@ -110,7 +110,7 @@ def test_the_kv_budget_holds_rows_back_in_the_queue(tiny):
     jobs = [Job(base, base.encode(t), Sampling(max_new_tokens=30, ignore_eos=True), cost=40) for t in "abcd"]
     seen = []
     engine = ContinuousEngine(tiny, Scheduler(max_batch_tokens=80), kv_tokens=80,
-                              on_step=lambda rows, kv, s, stepped: seen.append(len(stepped)))
+                              on_step=lambda batch, s, decoded, first: seen.append(len(decoded)))
     engine.scheduler.submit(jobs)
     engine.start()
     try:
@@ -118,3 +118,22 @@ def test_the_kv_budget_holds_rows_back_in_the_queue(tiny):
     finally:
         engine.stop()
     assert max(seen) == 2 and all(j.future.result().finish_reason == "length" for j in jobs)
+
+
+def test_step_metrics_time_to_first_token_and_between_tokens(tiny):
+    from service import metrics
+
+    base = NoModule(tiny)
+    engine = ContinuousEngine(tiny, Scheduler(max_batch_tokens=4096), kv_tokens=4096, on_step=metrics.observe_step)
+    jobs = [Job(base, base.encode(t), Sampling(max_new_tokens=5, ignore_eos=True), cost=20, task="metrics-probe")
+            for t in ("a", "bb", "ccc")]
+    engine.scheduler.submit(jobs)
+    engine.start()
+    try:
+        _wait(jobs)
+    finally:
+        engine.stop()
+    sample = lambda name: metrics.REGISTRY.get_sample_value(name, {"task": "metrics-probe", "kind": "base"})  # noqa: E731
+    assert sample("frozenlm_time_to_first_token_seconds_count") == 3
+    assert sample("frozenlm_inter_token_seconds_count") == 3 * 4  # tokens 2..5 of each row
+    assert metrics.REGISTRY.get_sample_value("frozenlm_running_rows") == 0
