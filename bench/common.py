@@ -3,6 +3,7 @@ latency of one request through a module."""
 
 from __future__ import annotations
 
+import platform
 import re
 import statistics
 import string
@@ -55,3 +56,9 @@ def latency_ms(backbone, module, texts: list[str], repeats: int = 3) -> float:
             score(backbone, [ScoreItem(row.ids, row.contribution, [[0]])])
             times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def machine(backbone) -> str:
+    """The machine a result was measured on, as the README tables name it."""
+    return (f"{platform.machine()}, {torch.get_num_threads()} torch threads, {backbone.device}, "
+            f"{str(backbone.dtype).removeprefix('torch.')}")
