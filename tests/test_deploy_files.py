@@ -24,6 +24,9 @@ COMPOSE = ROOT / "docker-compose.yml"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
 ENV_NAMES = {"FROZENLM_" + name.upper() for name in Settings.model_fields}
+# Fixed by the image (docker/Dockerfile ENV), never taken from the user's shell.
+LAYOUT = {"FROZENLM_HOST", "FROZENLM_PORT", "FROZENLM_STORE_DIR", "FROZENLM_CACHE_DIR", "FROZENLM_EXAMPLES_DIR"}
+DEVICE = {"frozenlm": "cpu", "frozenlm-gpu": "cuda", "frozenlm-ray": "cpu"}
 FROZENLM_VAR = re.compile(r"\bFROZENLM_[A-Z0-9_]+")
 
 
@@ -100,8 +103,34 @@ def test_every_frozenlm_variable_is_a_setting(compose):
     assert not unknown, f"not fields of service.config.Settings: {unknown}"
 
 
+def test_compose_passes_every_setting_but_the_layout(compose):
+    """Both directions: every setting reaches every service, and nothing else is passed."""
+    assert LAYOUT < ENV_NAMES
+    for name, service in compose["services"].items():
+        passed = {k for k in compose_env(service) if k.startswith("FROZENLM_")}
+        assert passed == ENV_NAMES - LAYOUT, (name, sorted(passed ^ (ENV_NAMES - LAYOUT)))
+        assert compose_env(service)["FROZENLM_DEVICE"] == DEVICE[name]
+
+
+def test_compose_defaults_are_the_settings_defaults(compose, monkeypatch):
+    """Each passed setting is `${NAME:-default}`, and that default means what Settings' default means
+    (an empty value stands for a setting whose default is none)."""
+    defaults = Settings(_env_file=None)
+    for key, value in compose["x-frozenlm-env"].items():
+        match = re.fullmatch(r"\$\{(\w+):-(.*)\}", str(value))
+        assert match and match[1] == key, f"{key}: {value!r} is not ${{{key}:-default}}"
+        field = key.removeprefix("FROZENLM_").lower()
+        if match[2] == "":
+            assert getattr(defaults, field) in (None, ""), key
+            continue
+        monkeypatch.setenv(key, match[2])
+        assert getattr(Settings(_env_file=None), field) == getattr(defaults, field), key
+        monkeypatch.delenv(key)
+
+
 def test_image_env_points_at_baked_cache_and_store(dockerfile):
     env = env_of(final_stage(dockerfile))
+    assert {k for k in env if k.startswith("FROZENLM_")} == LAYOUT
     assert env["FROZENLM_HOST"] == "0.0.0.0"
     assert env["FROZENLM_STORE_DIR"] == "/data/modules"
     assert env["FROZENLM_CACHE_DIR"] == "/opt/frozenlm/cache"
