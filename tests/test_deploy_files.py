@@ -3,6 +3,7 @@ agree with the service: fast, static checks; no Docker engine needed."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -26,6 +27,7 @@ DOCKERFILE = ROOT / "docker" / "Dockerfile"
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERIGNORE = ROOT / ".dockerignore"
+CHECK_TORCH = ROOT / "docker" / "check_torch.py"
 LOCKS = ROOT / "requirements"
 LOCK_CHAIN = ["runtime", "ray", "test"]  # each lock starts with `-r` of the one before
 
@@ -33,6 +35,9 @@ ENV_NAMES = {"FROZENLM_" + name.upper() for name in Settings.model_fields}
 # Fixed by the image (docker/Dockerfile ENV), never taken from the user's shell.
 LAYOUT = {"FROZENLM_HOST", "FROZENLM_PORT", "FROZENLM_STORE_DIR", "FROZENLM_CACHE_DIR", "FROZENLM_EXAMPLES_DIR"}
 DEVICE = {"frozenlm": "cpu", "frozenlm-gpu": "cuda", "frozenlm-ray": "cpu"}
+# PyTorch's own wheel indexes: the only hosts the deploy files name (as overridable defaults).
+TORCH_INDEX = {"cpu": "--index-url https://download.pytorch.org/whl/cpu",
+               "cuda": "--index-url https://download.pytorch.org/whl/cu130"}
 FROZENLM_VAR = re.compile(r"\bFROZENLM_[A-Z0-9_]+")
 
 
@@ -216,7 +221,7 @@ def test_dockerfile_is_multistage_with_venv_and_torch_args(dockerfile):
     froms = [a for k, a in dockerfile if k == "FROM"]
     assert len(froms) >= 2, "builder + runtime stages expected"
     assert any("AS builder" in a for a in froms)
-    args = {a.split("=", 1)[0]: a.split("=", 1)[1] if "=" in a else None for k, a in dockerfile if k == "ARG"}
+    args = build_args(dockerfile)
     assert args.get("TORCH_SPEC") == "torch==2.13.0"
     assert "TORCH_PIP_ARGS" in args
     assert any(k == "COPY" and "--from=builder" in a and "/opt/venv" in a for k, a in final_stage(dockerfile))
@@ -265,10 +270,68 @@ def test_copy_sources_exist_and_are_not_dockerignored(dockerfile):
         assert must in ignored, f".dockerignore should exclude {must}"
 
 
-def test_no_url_but_localhost_in_deploy_files():
-    for path in (DOCKERFILE, ENTRYPOINT, COMPOSE, DOCKERIGNORE):
+def test_no_url_but_localhost_and_the_torch_index_in_deploy_files():
+    for path in (DOCKERFILE, ENTRYPOINT, COMPOSE, DOCKERIGNORE, CHECK_TORCH):
+        allowed = {"127.0.0.1", "localhost"} | ({"download.pytorch.org"} if path in (DOCKERFILE, COMPOSE) else set())
         for host in re.findall(r"[a-z][a-z0-9+.-]*://([^/\s'\"]+)", path.read_text()):
-            assert host.split(":")[0] in {"127.0.0.1", "localhost"}, f"{path.name} names {host}"
+            assert host.split(":")[0] in allowed, f"{path.name} names {host}"
+
+
+# --- torch: a CPU build unless asked otherwise, checked at build time ----------------------------
+
+def build_args(dockerfile) -> dict[str, str]:
+    return {a.split("=", 1)[0]: a.split("=", 1)[1].strip('"') if "=" in a else "" for k, a in dockerfile if k == "ARG"}
+
+
+def test_dockerfile_installs_a_cpu_torch_by_default_and_checks_it(dockerfile):
+    args = build_args(dockerfile)
+    assert args["TORCH_PIP_ARGS"] == TORCH_INDEX["cpu"] and args["TORCH_BUILD"] == "cpu"
+    install = [a for k, a in dockerfile if k == "RUN" and "${TORCH_SPEC}" in a]
+    assert len(install) == 1
+    assert install[0].endswith('&& python check_torch.py "${TORCH_BUILD}"'), "torch is installed unchecked"
+    assert any(k == "COPY" and a.startswith("docker/check_torch.py ") for k, a in dockerfile)
+
+
+def test_compose_states_each_services_torch_build_and_index(compose):
+    for name, service in compose["services"].items():
+        args = service["build"]["args"]
+        build = "cuda" if DEVICE[name] == "cuda" else "cpu"
+        variable = "CUDA_TORCH_PIP_ARGS" if build == "cuda" else "TORCH_PIP_ARGS"
+        assert args["TORCH_BUILD"] == build, name
+        assert args["TORCH_PIP_ARGS"] == f"${{{variable}:-{TORCH_INDEX[build]}}}", name
+
+
+def load_check_torch():
+    spec = importlib.util.spec_from_file_location("check_torch", CHECK_TORCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("build, cuda, dists, ok", [
+    ("cpu", None, ["torch", "numpy"], True),
+    ("cpu", "13.0", ["torch"], False),
+    ("cpu", None, ["torch", "nvidia-cublas"], False),
+    ("cpu", None, ["torch", "triton"], False),
+    ("cuda", "13.0", ["torch", "nvidia-cublas", "triton"], True),
+    ("cuda", None, ["torch"], False),
+    ("gpu", "13.0", ["torch"], False),
+])
+def test_check_torch_logic(build, cuda, dists, ok):
+    found = load_check_torch().problems(build, cuda, dists)
+    assert (found == []) == ok, found
+
+
+def test_check_torch_on_this_torch():
+    """The script itself, on the torch installed here: it passes for this build, fails for the other."""
+    import torch
+
+    this = "cpu" if torch.version.cuda is None else "cuda"
+    other = {"cpu": "cuda", "cuda": "cpu"}[this]
+    passed, failed = (subprocess.run([sys.executable, str(CHECK_TORCH), build], capture_output=True, text=True,
+                                     timeout=120) for build in (this, other))
+    assert passed.returncode == 0, passed.stderr
+    assert failed.returncode == 1 and "check_torch:" in failed.stderr
 
 
 # --- entrypoint: one `frozenlm serve`, exec'd ----------------------------------------------------
