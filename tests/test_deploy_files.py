@@ -259,9 +259,11 @@ def test_healthcheck_hits_readyz(dockerfile, compose):
 def test_copy_sources_exist_and_are_not_dockerignored(dockerfile):
     ignored = {line.strip().rstrip("/") for line in DOCKERIGNORE.read_text().splitlines()
                if line.strip() and not line.startswith("#")}
+    defaults = build_args(dockerfile)
     for keyword, args in dockerfile:
         if keyword != "COPY" or "--from=" in args:
             continue
+        args = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m[1]], args)
         *sources, _dest = [t for t in args.split() if not t.startswith("--")]
         for src in sources:
             assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
@@ -402,10 +404,29 @@ def test_compose_images_install_only_what_their_process_runs(compose):
     assert len(set(images)) == len(images), "two different builds under one image tag"
 
 
-def test_compose_build_args_are_declared(dockerfile, compose):
-    declared = {a.split("=", 1)[0] for k, a in dockerfile if k == "ARG"}
+def test_compose_build_args_are_declared_with_the_dockerfiles_defaults(dockerfile, compose):
+    defaults = build_args(dockerfile)
     for name, service in compose["services"].items():
-        assert set(service["build"].get("args", {})) <= declared, name
+        args = service["build"]["args"]
+        assert set(args) <= set(defaults), name
+        assert {"PYTHON_IMAGE", "CA_BUNDLE", "TORCH_SPEC"} <= set(args), name
+        for key, value in args.items():
+            match = re.fullmatch(r"\$\{(\w+):-(.*)\}", value)
+            if match and match[1] == key:
+                assert match[2] == defaults[key], (name, key)
+
+
+def test_ca_bundle_adds_trust_in_the_builder_only(dockerfile):
+    """The placeholder holds no certificate; a given one is added to the system store that pip uses,
+    nothing turns verification off, and the runtime stage never sees the file."""
+    placeholder = ROOT / build_args(dockerfile)["CA_BUNDLE"]
+    assert "BEGIN CERTIFICATE" not in placeholder.read_text()
+    runs = " ".join(a for k, a in dockerfile if k == "RUN")
+    assert "update-ca-certificates" in runs and "cert = /etc/ssl/certs/ca-certificates.crt" in runs
+    for path in (DOCKERFILE, COMPOSE):
+        text = path.read_text().lower()
+        assert "trusted-host" not in text and "trusted_host" not in text and "--cert" not in text, path.name
+    assert not [a for k, a in final_stage(dockerfile) if "CA_BUNDLE" in a or "ca-certificates" in a]
 
 
 def test_volume_target_is_the_store_dir(dockerfile, compose):
