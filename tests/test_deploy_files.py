@@ -236,7 +236,9 @@ def test_runs_as_non_root_user(dockerfile):
     users = [a for k, a in final_stage(dockerfile) if k == "USER"]
     assert users, "the runtime stage sets no USER"
     assert users[-1].split(":")[0] not in {"root", "0"}
-    assert "--uid 10001" in DOCKERFILE.read_text()
+    accounts = [a for k, a in final_stage(dockerfile) if k == "RUN" and "useradd" in a]
+    assert len(accounts) == 1 and "--uid 10001" in accounts[0]
+    assert "--system" not in accounts[0], "uid 10001 is outside the system range: --system warns"
 
 
 def test_backbone_is_baked_as_the_service_user(dockerfile):
@@ -402,6 +404,15 @@ def test_compose_images_install_only_what_their_process_runs(compose):
     assert "service.ray_serve" in services["frozenlm-ray"]["entrypoint"]
     images = [svc["image"] for svc in services.values()]
     assert len(set(images)) == len(images), "two different builds under one image tag"
+
+
+def test_ray_object_store_fits_in_shm(compose):
+    """Ray falls back to /tmp when its object store does not fit in /dev/shm (with 5% headroom)."""
+    svc = compose["services"]["frozenlm-ray"]
+    number, unit = re.fullmatch(r"(\d+)([kmg])b", svc["shm_size"].lower()).groups()
+    shm = int(number) * 1024 ** "kmg".index(unit) * 1024
+    store = int(compose_env(svc)["RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES"])
+    assert 0 < store <= 0.95 * shm
 
 
 def test_compose_build_args_are_declared_with_the_dockerfiles_defaults(dockerfile, compose):
