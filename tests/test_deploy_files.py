@@ -406,6 +406,27 @@ def test_compose_images_install_only_what_their_process_runs(compose):
     assert len(set(images)) == len(images), "two different builds under one image tag"
 
 
+@pytest.mark.skipif(sys.platform == "win32" or not shutil.which("sh"), reason="needs a POSIX sh")
+@pytest.mark.parametrize("given", [False, True], ids=["placeholder", "certificate"])
+def test_ca_bundle_step_runs_only_for_a_certificate(dockerfile, tmp_path, given):
+    """The Dockerfile's CA step itself, on files in tmp_path, with a stand-in update-ca-certificates."""
+    step = next(a for k, a in dockerfile if k == "RUN" and "update-ca-certificates" in a)
+    copied, pip_conf = tmp_path / "extra-ca.crt", tmp_path / "pip.conf"
+    step = step.replace("/usr/local/share/ca-certificates/extra-ca.crt", str(copied)).replace("/etc/pip.conf", str(pip_conf))
+    placeholder = (ROOT / build_args(dockerfile)["CA_BUNDLE"]).read_text()
+    copied.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n" if given else placeholder)
+    fake = tmp_path / "bin" / "update-ca-certificates"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\ntouch {tmp_path}/updated\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run(["sh", "-ec", step], env=env, check=True, timeout=30)
+    assert (tmp_path / "updated").exists() == given == copied.exists()
+    assert pip_conf.exists() == given
+    if given:
+        assert pip_conf.read_text() == "[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n"
+
+
 def test_ray_object_store_fits_in_shm(compose):
     """Ray falls back to /tmp when its object store does not fit in /dev/shm (with 5% headroom)."""
     svc = compose["services"]["frozenlm-ray"]
