@@ -154,6 +154,8 @@ def test_compose_passes_every_setting_but_the_layout(compose):
 def test_compose_defaults_are_the_settings_defaults(compose, monkeypatch):
     """Each passed setting is `${NAME:-default}`, and that default means what Settings' default means
     (an empty value stands for a setting whose default is none)."""
+    for key in [k for k in os.environ if k.startswith("FROZENLM_")]:
+        monkeypatch.delenv(key)
     defaults = Settings(_env_file=None)
     for key, value in compose["x-frozenlm-env"].items():
         match = re.fullmatch(r"\$\{(\w+):-(.*)\}", str(value))
