@@ -29,7 +29,9 @@ fixed training rows, `--bbt-popsize` per generation, generations = budget // (po
 
 Writes bench/results/methods.json (after every method, so a cut-short run keeps what it did) and
 prints a markdown table. Each trained artifact is kept under `--artifact-dir`; `--resume` keeps the
-results already in `--out` and trains only the methods missing there. Added latency is measured on
+results already in `--out` (of every method, listed or not), trains only the listed methods missing
+there and records itself under `resumed_by` (its command, machine and template base latency, which
+the added latency of the rows it measured is taken against). Added latency is measured on
 the modules loaded from their artifacts; a resumed method whose artifact is gone is measured on a
 new module of the same kind and config (the same shapes, so the same cost; its weights are not the
 trained ones, and the JSON marks it `latency_from: "same config"`).
@@ -197,11 +199,19 @@ def table(out: dict) -> str:
                       "the trained artifact was not kept by the run that trained it)."]
     if "blackbox" in r:
         bb = r["blackbox"].get("sst2") or r["blackbox"].get("trec")
+        fisher = f"Child-Tuning_D and sparse {b['fisher_batches'] * b['batch_size']:,} more for the Fisher estimate"
+        warm = next((d["fisher_warmup_steps"] for row in r.values() for d in row.values()
+                     if "fisher_warmup_steps" in d), 0)
+        if warm:
+            fisher += f", Child-Tuning_D {warm * b['batch_size']:,} more for the warm-up before it"
         lines += ["", f"Black-box tuning: d={bb['intrinsic_dim']}, popsize {bb['popsize']}, {bb['generations']} "
                       f"generation(s), {bb['evaluations']} candidates scored on {bb['train_rows']} training rows "
                       f"({bb['row_passes']:,} row passes, no backward; the gradient methods make "
-                      f"{b['steps'] * b['batch_size']:,} forward + backward row passes, Child-Tuning_D and sparse "
-                      f"{b['fisher_batches'] * b['batch_size']:,} more for the Fisher estimate)."]
+                      f"{b['steps'] * b['batch_size']:,} forward + backward row passes, {fisher})."]
+    for run in out.get("resumed_by", []):
+        base = " / ".join(f"{ms:.0f}" for ms in run.get("base_latency_ms", {}).values())
+        lines += ["", f"Re-run later ({run['machine']}): {', '.join(run['trained']) or 'none'}; the added latency "
+                      f"of the rows it ran is against the template in that run ({base} ms)."]
     return "\n".join(lines)
 
 
@@ -254,11 +264,17 @@ def main() -> None:
            "methods": {m: {"kind": METHODS[m][0], "config": METHODS[m][1], "lr": METHODS[m][2],
                            "child_tuning": METHODS[m][3]} for m in methods},
            "results": {}}
+    run = out  # where this invocation's own facts go (its template's base latency)
     if args.resume and Path(args.out).is_file():
         previous = json.loads(Path(args.out).read_text())
         if previous["budget"] != out["budget"] or previous["datasets"] != out["datasets"]:
             raise SystemExit(f"--resume: {args.out} was made with another budget or other data; run without --resume")
-        out["results"] = {m: r for m, r in previous["results"].items() if m in methods}
+        # every earlier row is kept; this run trains the methods missing there and is listed apart
+        run = {"command": out["command"], "machine": out["machine"],
+               "trained": [m for m in methods if m not in previous["results"]]}
+        out.update(results=previous["results"], methods={**previous["methods"], **out["methods"]},
+                   command=previous["command"], machine=previous["machine"],
+                   base_latency_ms=previous["base_latency_ms"], resumed_by=previous.get("resumed_by", []) + [run])
     artifacts = Path(args.artifact_dir)
     artifacts.mkdir(parents=True, exist_ok=True)
     loaded: dict[str, dict] = {d: {} for d in data}
@@ -286,7 +302,8 @@ def main() -> None:
             loaded[dname][name] = module
             row = {"eval_accuracy": metrics.get("eval_accuracy"), "trainable_params": metrics["trainable_params"],
                    "artifact_bytes": len(blob), "seconds": round(time.monotonic() - t0, 1),
-                   **{k: metrics[k] for k in ("child_params", "train_loss", "train_seconds", "initial_loss",
+                   **{k: metrics[k] for k in ("child_params", "fisher_warmup_steps", "train_loss",
+                                              "train_seconds", "initial_loss",
                                               "intrinsic_dim", "popsize", "generations", "evaluations", "train_rows",
                                               "row_passes", "fisher") if k in metrics}}
             if name == "blackbox":
@@ -298,7 +315,7 @@ def main() -> None:
     for dname, ds in data.items():
         texts = [r["input"] for r in ds["eval"][:3]]
         lat = added_latency(backbone, loaded[dname], texts, args.latency_repeats)
-        out.setdefault("base_latency_ms", {})[dname] = lat.pop("_base_ms")
+        run.setdefault("base_latency_ms", {})[dname] = lat.pop("_base_ms")
         for name, ms in lat.items():
             out["results"][name][dname]["added_latency_ms"] = ms
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

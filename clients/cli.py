@@ -130,7 +130,8 @@ def cmd_train(args) -> int:
     manifest = _manifest(args)
     options = TrainOptions(max_steps=args.max_steps, epochs=args.epochs, lr=args.lr,
                            batch_size=args.batch_size, seed=args.seed, child_tuning=args.child_tuning,
-                           reserve_p=args.reserve_p, fisher_batches=args.fisher_batches or None)
+                           reserve_p=args.reserve_p, fisher_batches=args.fisher_batches or None,
+                           fisher_warmup_steps=args.fisher_warmup_steps)
     init = load_module(read_artifact(Path(args.init).read_bytes()), backbone) if args.init else None
     result = train_module(backbone, args.kind, rows, options, eval_rows=eval_rows, init=init,
                           config=json.loads(args.config) if args.config else None, **manifest)
@@ -277,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fisher-batches", type=int, default=8,
                    help="batches the Fisher information is estimated on (Child-Tuning D, kind sparse); "
                         "0 = every training row once (default 8)")
+    s.add_argument("--fisher-warmup-steps", type=int, default=10,
+                   help="Child-Tuning D: plain AdamW steps taken (then undone) before the Fisher estimate, so "
+                        "tensors behind a zero-initialised output (LoRA's A) get a gradient (default 10)")
     _module_arguments(s)
     s.set_defaults(func=cmd_train)
 

@@ -6,7 +6,8 @@ Two ways to pick the child network, as in the reference `ChildTuningAdamW` (alib
 - **F** (task-free): a fresh Bernoulli(p) mask per parameter at every step; kept gradient entries
   are scaled by 1/p, so the masked gradient is an unbiased estimate of the full one.
 - **D** (task-driven): one fixed mask chosen before training: the fraction p of entries with the
-  largest diagonal Fisher information, estimated by `fisher_masks` from squared gradients.
+  largest diagonal Fisher information, estimated by `fisher_masks` from squared gradients, ranked
+  over all tensors together (as the reference does) or within each tensor (`per_tensor`).
 
 The mask is applied before the moment updates, so Adam's moments only ever see masked gradients.
 In mode D an entry outside the mask therefore never moves (its moments stay zero), except through
@@ -150,15 +151,21 @@ def fisher_information(params: Mapping[str, torch.Tensor], batches: Iterable,
     return {n: f / count for n, f in fisher.items()}
 
 
-def top_p_masks(scores: Mapping[str, torch.Tensor], p: float) -> dict[str, torch.Tensor]:
-    """Keep the fraction `p` of entries with the largest scores, ranked over all tensors together
-    (one global threshold, as the reference does). {name: bool tensor}
+def top_p_masks(scores: Mapping[str, torch.Tensor], p: float, *, per_tensor: bool = False,
+                seed: int = 0) -> dict[str, torch.Tensor]:
+    """Keep the fraction `p` of entries with the largest scores. {name: bool tensor}
 
-    Exactly round(p * N) entries are kept (at least one) out of the N entries in all; ties at the
-    threshold are broken arbitrarily (the reference's percentile keeps every tie)."""
+    Ranked over all tensors together (one global threshold, as the reference does): exactly
+    round(p * N) entries of the N in all are kept (at least one), ties at the threshold broken
+    arbitrarily (the reference's percentile keeps every tie). With `per_tensor`, each tensor keeps
+    its own round(p * n) of its n entries (at least one), so no tensor is left out because another
+    one's scores are larger; ties are broken in a random order seeded by `seed`."""
     p = _check_p(p, "p")
     if not scores:
         raise ValueError("no scores given")
+    if per_tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return {n: _top_share(s, p, generator) for n, s in scores.items()}
     names = list(scores)
     device = scores[names[0]].device
     flat = torch.cat([scores[n].detach().reshape(-1).float().to(device) for n in names])  # (N,)
@@ -173,11 +180,25 @@ def top_p_masks(scores: Mapping[str, torch.Tensor], p: float) -> dict[str, torch
     return out
 
 
+def _top_share(score: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """The round(p * n) largest of one tensor's n scores (at least one), equal scores taken in the
+    random order `generator` draws. A bool tensor of the score's shape."""
+    flat = score.detach().reshape(-1).float().cpu()
+    order = torch.randperm(flat.numel(), generator=generator)
+    k = max(1, round(p * flat.numel()))
+    top = order[torch.sort(flat[order], descending=True, stable=True).indices[:k]]
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[top] = True
+    return keep.view(score.shape).to(score.device)
+
+
 def fisher_masks(params: Mapping[str, torch.Tensor], batches: Iterable, loss_fn: Callable[[object], torch.Tensor],
-                 p: float, *, max_grad_norm: float | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Child-Tuning D's child network: the fraction `p` of all entries of `params` with the largest
-    diagonal Fisher information over `batches` (squared gradients of `loss_fn(batch)`, summed over
-    batches). {name: bool tensor}; pass them to `ChildTuningAdamW(mode="D")` keyed by parameter."""
+                 p: float, *, per_tensor: bool = False, seed: int = 0, max_grad_norm: float | None = None,
+                 progress: bool = True) -> dict[str, torch.Tensor]:
+    """Child-Tuning D's child network: the fraction `p` of the entries of `params` with the largest
+    diagonal Fisher information over `batches` (squared gradients of `loss_fn(batch)`, averaged
+    over batches), over all tensors together or, with `per_tensor`, of each tensor (`top_p_masks`).
+    {name: bool tensor}; pass them to `ChildTuningAdamW(mode="D")` keyed by parameter."""
     _check_p(p, "p")  # fail before spending a pass over the data
     fisher = fisher_information(params, batches, loss_fn, max_grad_norm=max_grad_norm, progress=progress)
-    return top_p_masks(fisher, p)
+    return top_p_masks(fisher, p, per_tensor=per_tensor, seed=seed)

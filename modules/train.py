@@ -7,10 +7,14 @@ stays bit-identical.
 
 Child-Tuning (Xu et al. 2021) is a trainer option for every kind (`TrainOptions.child_tuning`):
 "F" masks each gradient with a fresh Bernoulli(reserve_p) mask every step (kept entries scaled by
-1/reserve_p), "D" with one fixed mask, the top reserve_p fraction of the module's parameters by
-diagonal Fisher information (squared gradients of this trainer's loss over `fisher_batches`
-training batches, computed once before the first step). Both mask inside the optimizer step,
-before Adam's moment updates (modules/child_tuning.py).
+1/reserve_p), "D" with one fixed mask, its child network (`child_network`): the top reserve_p
+fraction of each trainable tensor by diagonal Fisher information (squared gradients of this
+trainer's loss over `fisher_batches` training batches). The Fisher information is estimated after
+`fisher_warmup_steps` plain AdamW steps, which are then undone: at the module's initial state every
+tensor upstream of a zero-initialised output (LoRA's A while B = 0, an adapter's down-projection,
+ID-PT's generator, SAID's lambda) has zero gradient, so zero Fisher information, and would never be
+chosen. Training then starts from the initial state with the mask. Both modes mask inside the
+optimizer step, before Adam's moment updates (modules/child_tuning.py).
 
 Kind `sparse` without `nnz` in its config is Child-Tuning_D on the backbone's own weights: the
 positions are the top `reserve_p` fraction of the chosen layers' weights by Fisher information
@@ -64,11 +68,13 @@ class TrainOptions:
     progress: bool = True
     # Child-Tuning (Xu et al. 2021), for any kind: None (plain AdamW), "F" (task-free: a fresh
     # Bernoulli(reserve_p) gradient mask each step, kept entries scaled by 1/reserve_p) or "D"
-    # (task-driven: a fixed mask of the top reserve_p fraction of the module's parameters by
-    # Fisher information over `fisher_batches` training batches; None = one pass over all rows).
+    # (task-driven: a fixed mask of the top reserve_p fraction of each trainable tensor by
+    # Fisher information over `fisher_batches` training batches, None = one pass over all rows,
+    # estimated after `fisher_warmup_steps` AdamW steps that are then undone; see child_network).
     child_tuning: Literal["F", "D"] | None = None
     reserve_p: float = 0.3
     fisher_batches: int | None = 8
+    fisher_warmup_steps: int = 10
 
     def __post_init__(self):
         if self.child_tuning not in (None, "F", "D"):
@@ -77,6 +83,8 @@ class TrainOptions:
         if self.fisher_batches is not None and self.fisher_batches < 1:
             raise ValueError(f"fisher_batches must be at least 1 (or None: every training row), "
                              f"got {self.fisher_batches}")
+        if self.fisher_warmup_steps < 0:
+            raise ValueError(f"fisher_warmup_steps must be at least 0, got {self.fisher_warmup_steps}")
 
 
 @dataclass
@@ -217,20 +225,61 @@ def evaluate(module: TaskModule, backbone: Backbone, rows: list[dict], batch_siz
     return metrics
 
 
+def _shuffled_batches(rows: list[dict], batch_size: int, n: int | None, stream: str) -> list[list[dict]]:
+    """`n` batches of `batch_size` rows from a shuffle seeded by `stream` (cycling if the data is
+    short), or every row once when `n` is None. Its own stream: the training order is unchanged."""
+    rng = random.Random(stream)
+    count = math.ceil(len(rows) / batch_size) if n is None else n
+    order: list[int] = []
+    while len(order) < count * batch_size:
+        block = list(range(len(rows)))
+        rng.shuffle(block)
+        order += block
+        if n is None:
+            break
+    return [[rows[i] for i in order[k * batch_size:(k + 1) * batch_size]] for k in range(count)]
+
+
 def fisher_batches(rows: list[dict], opt: TrainOptions) -> list[list[dict]]:
     """The training batches the Fisher information is estimated on (Child-Tuning_D, kind sparse):
     `opt.fisher_batches` batches of `opt.batch_size` rows from a seeded shuffle (cycling if the
     data is short), or every row once when `opt.fisher_batches` is None."""
-    rng = random.Random(f"fisher/{opt.seed}")  # its own stream: the training order is unchanged
-    n = math.ceil(len(rows) / opt.batch_size) if opt.fisher_batches is None else opt.fisher_batches
-    order: list[int] = []
-    while len(order) < n * opt.batch_size:
-        block = list(range(len(rows)))
-        rng.shuffle(block)
-        order += block
-        if opt.fisher_batches is None:
-            break
-    return [[rows[i] for i in order[k * opt.batch_size:(k + 1) * opt.batch_size]] for k in range(n)]
+    return _shuffled_batches(rows, opt.batch_size, opt.fisher_batches, f"fisher/{opt.seed}")
+
+
+def _step(task: "_Task", params: list[torch.Tensor], optim: torch.optim.Optimizer, batch: list[dict]) -> float:
+    """One training step on `batch` (gradients clipped to norm 1.0); returns the loss."""
+    loss = task.loss(batch)
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optim.step()
+    return loss.item()
+
+
+def child_network(module: TaskModule, task: "_Task", rows: list[dict], opt: TrainOptions) -> dict[str, torch.Tensor]:
+    """Child-Tuning_D's mask for `module`: in each trainable tensor, the top `opt.reserve_p`
+    fraction of its entries by diagonal Fisher information (ties in an order seeded by `opt.seed`).
+    {parameter name: bool tensor}
+
+    The Fisher information is estimated (on `fisher_batches`, each tensor's gradient clipped to
+    1.0 before squaring, as the reference does) after `opt.fisher_warmup_steps` plain AdamW steps
+    on the training rows, so that tensors upstream of a zero-initialised output have a gradient.
+    Per tensor, so that no tensor is left out because another's gradients are larger. The
+    warm-up is undone: the module's parameters are restored and their gradients cleared."""
+    named = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    initial = {n: p.detach().clone() for n, p in named.items()}
+    try:
+        warm = torch.optim.AdamW(module.param_groups(opt.lr), lr=opt.lr, weight_decay=opt.weight_decay)
+        for batch in _shuffled_batches(rows, opt.batch_size, opt.fisher_warmup_steps, f"fisher-warmup/{opt.seed}"):
+            _step(task, list(named.values()), warm, batch)
+        return fisher_masks(named, fisher_batches(rows, opt), task.loss, opt.reserve_p, per_tensor=True,
+                            seed=opt.seed, max_grad_norm=1.0, progress=opt.progress)
+    finally:
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(initial[n])
+                p.grad = None
 
 
 def _sparse_by_fisher(backbone: Backbone, rows: list[dict], opt: TrainOptions, config: dict | None,
@@ -264,13 +313,12 @@ def make_optimizer(module: TaskModule, task: "_Task", rows: list[dict], opt: Tra
         optim = ChildTuningAdamW(groups, lr=opt.lr, weight_decay=opt.weight_decay, mode="F",
                                  reserve_p=opt.reserve_p, seed=opt.seed)
         return optim, info
-    named = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    batches = fisher_batches(rows, opt)
-    # per-tensor clipping at 1.0 before squaring, as the reference does
-    masks = fisher_masks(named, batches, task.loss, opt.reserve_p, max_grad_norm=1.0, progress=opt.progress)
+    masks = child_network(module, task, rows, opt)
+    named = dict(module.named_parameters())
     optim = ChildTuningAdamW(groups, lr=opt.lr, weight_decay=opt.weight_decay, mode="D",
                              masks={named[n]: m for n, m in masks.items()})
-    info.update(fisher_batches=len(batches), child_params=sum(int(m.sum()) for m in masks.values()))
+    info.update(fisher_batches=len(fisher_batches(rows, opt)), fisher_warmup_steps=opt.fisher_warmup_steps,
+                child_params=sum(int(m.sum()) for m in masks.values()))
     return optim, info
 
 
@@ -282,7 +330,7 @@ def train_module(backbone: Backbone, kind: str, rows: list[dict], options: Train
     `init`: start from this module's weights (same kind; its config is used), e.g. a recursive
     module whose connector was pre-trained on language modelling."""
     opt = options or TrainOptions()
-    start = time.monotonic()  # train_seconds counts a Fisher estimate too
+    start = time.monotonic()  # train_seconds counts a Fisher estimate (and its warm-up) too
     torch.manual_seed(opt.seed)
     rng = random.Random(opt.seed)
     if "labels" not in manifest_fields:
@@ -325,13 +373,8 @@ def train_module(backbone: Backbone, kind: str, rows: list[dict], options: Train
             order += fresh
         batch = [rows[i] for i in order[:opt.batch_size]]
         del order[:opt.batch_size]
-        loss = task.loss(batch)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
+        history.append(_step(task, params, optim, batch))
         sched.step()
-        history.append(loss.item())
         bar.set_postfix(loss=f"{sum(history[-20:]) / len(history[-20:]):.4f}")
     module.eval()
     module.requires_grad_(False)

@@ -148,6 +148,24 @@ def test_fisher_masks_rank_squared_gradients_globally():
         assert torch.equal(p.detach() != 0, masks[n])
 
 
+def test_per_tensor_masks_keep_each_tensors_share_and_break_ties_by_the_seed():
+    """Per tensor, a tensor of small scores still keeps its top p (globally it gets nothing), and
+    a tensor of equal scores keeps p of its entries in a seeded random order, not its first ones."""
+    g = torch.Generator().manual_seed(0)
+    scores = {"big": 1e3 + torch.randperm(1000, generator=g).view(40, 25) / 1e3,  # distinct scores
+              "small": torch.randperm(40, generator=g) / 1e3,
+              "tied": torch.zeros(1000)}
+    assert not top_p_masks(scores, 0.1)["small"].any()  # the global threshold leaves it out
+    masks = top_p_masks(scores, 0.1, per_tensor=True, seed=1)
+    assert {n: int(m.sum()) for n, m in masks.items()} == {"big": 100, "small": 4, "tied": 100}
+    for n in ("big", "small"):
+        assert torch.equal(masks[n], scores[n] >= scores[n].flatten().topk(int(masks[n].sum())).values[-1])
+    assert masks["tied"].shape == (1000,) and masks["tied"][100:].any()
+    assert torch.equal(top_p_masks(scores, 0.1, per_tensor=True, seed=1)["tied"], masks["tied"])
+    assert not torch.equal(top_p_masks(scores, 0.1, per_tensor=True, seed=2)["tied"], masks["tied"])
+    assert int(top_p_masks({"one": torch.zeros(3)}, 0.01, per_tensor=True)["one"].sum()) == 1  # at least one
+
+
 def test_fisher_masks_on_a_prompt_module(tiny):
     from modules.base import kind_class
     from modules.train import _Task

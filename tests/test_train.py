@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -188,6 +189,7 @@ CHILD_KINDS = {
     "ia3": {},
     "adapter": {"bottleneck": 4},
     "said": {"d": 32},
+    "idpt": KIND_CONFIGS["idpt"],
 }
 
 
@@ -202,8 +204,7 @@ def _fresh(tiny, kind, seed=0):
 @pytest.mark.parametrize("mode", ["F", "D"])
 @pytest.mark.parametrize("kind", list(CHILD_KINDS))
 def test_child_tuning_trains_only_the_module_and_d_only_its_child_network(tiny, kind, mode):
-    from modules.child_tuning import fisher_masks
-    from modules.train import _Task, fisher_batches
+    from modules.train import _Task, child_network
 
     before = weights_digest(tiny.model)
     opts = TrainOptions(max_steps=6, batch_size=4, lr=0.05, progress=False, child_tuning=mode, reserve_p=0.3,
@@ -217,17 +218,75 @@ def test_child_tuning_trains_only_the_module_and_d_only_its_child_network(tiny, 
     moved = {n: trained[n].detach() != p.detach() for n, p in start.named_parameters()}
     assert any(m.any() for m in moved.values())
     if mode == "D":
-        # the same Fisher estimate the trainer made: same init, same batches, same loss
-        named = {n: p for n, p in start.named_parameters() if p.requires_grad}
-        masks = fisher_masks(named, fisher_batches(ROWS, opts), _Task(start, tiny).loss, 0.3, max_grad_norm=1.0,
-                             progress=False)
-        total = sum(m.numel() for m in masks.values())
-        assert result.metrics["child_params"] == sum(int(m.sum()) for m in masks.values()) == max(1, round(0.3 * total))
+        # the same child network the trainer chose: same init, same warm-up, batches and loss
+        masks = child_network(start, _Task(start, tiny), ROWS, opts)
+        assert result.metrics["child_params"] == sum(int(m.sum()) for m in masks.values())
+        for n, m in masks.items():  # each tensor keeps its own share
+            assert int(m.sum()) == max(1, round(0.3 * m.numel())), n
         for n, m in moved.items():
             assert not (m & ~masks[n]).any(), f"{kind}.{n}: an entry outside the Fisher mask moved"
     # the artifact reloads and answers as the trained module does
     reloaded = load_module(read_artifact(result.artifact), tiny)
     assert reloaded.manifest.metrics["child_tuning"] == mode
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapter", "idpt", "said"])
+def test_child_network_estimates_fisher_after_an_undone_warmup_and_keeps_p_of_every_tensor(tiny, kind, monkeypatch):
+    """At the initial state, tensors upstream of a zero-initialised output (LoRA's A, an adapter's
+    down-projection, ID-PT's generator and encoder prompt, SAID's lambda) have zero gradient. After
+    the warm-up every tensor has Fisher information, every tensor keeps about p of its entries,
+    and the module is back at its initial state."""
+    import modules.child_tuning
+    from modules.train import _Task, child_network
+
+    seen, fishers = [], []  # the parameters the Fisher estimate saw, and the estimate
+    real = modules.child_tuning.fisher_information
+
+    def spy(params, *args, **kwargs):
+        seen.append({n: p.detach().clone() for n, p in params.items()})
+        fishers.append(real(params, *args, **kwargs))
+        return fishers[-1]
+
+    monkeypatch.setattr(modules.child_tuning, "fisher_information", spy)
+    # lr 0.01: at 0.05 this trivial task is solved within the warm-up and a ReLU bottleneck can die
+    opts = TrainOptions(batch_size=4, lr=0.01, progress=False, child_tuning="D", reserve_p=0.3, fisher_batches=2)
+    module = _fresh(tiny, kind)
+    initial = {n: p.detach().clone() for n, p in module.named_parameters()}
+    masks = child_network(module, _Task(module, tiny), ROWS, opts)
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert set(masks) == names and set(fishers[0]) == names
+    for n, p in module.named_parameters():
+        assert torch.equal(p.detach(), initial[n]) and p.grad is None, f"{kind}.{n}: the warm-up was not undone"
+        assert not torch.equal(seen[0][n], initial[n]), f"{kind}.{n}: the Fisher estimate saw no warm-up"
+        assert fishers[0][n].any(), f"{kind}.{n}: zero Fisher information after the warm-up"
+        assert int(masks[n].sum()) == max(1, round(0.3 * p.numel())), n
+
+    # without a warm-up the estimate is made at the initial state: some tensor has no Fisher at all
+    fishers.clear()
+    child_network(module, _Task(module, tiny), ROWS, dataclasses.replace(opts, fisher_warmup_steps=0))
+    assert any(not f.any() for f in fishers[0].values())
+
+
+def test_child_tuning_d_trains_loras_a_in_every_layer(tiny):
+    """The issue's measurement: with the mask chosen at the initial state (B = 0), A never moved.
+    Now A and B move in every layer, only inside the mask, from the initial state."""
+    from modules.train import _Task, child_network
+
+    before = weights_digest(tiny.model)
+    opts = TrainOptions(max_steps=3, batch_size=4, lr=0.01, progress=False, child_tuning="D", reserve_p=0.3,
+                        fisher_batches=2)
+    result = train_module(tiny, "lora", ROWS, opts, config=CHILD_KINDS["lora"], template="{input} ?", labels=LABELS)
+    assert weights_digest(tiny.model) == before
+    start = _fresh(tiny, "lora")
+    masks = child_network(start, _Task(start, tiny), ROWS, opts)
+    trained = dict(result.module.named_parameters())
+    layers = [n for n, _ in start.named_parameters() if n.startswith("A.")]
+    assert len(layers) == 2 * 3  # 2 decoder layers x q, v, down
+    for n, p in start.named_parameters():
+        moved = trained[n].detach() != p.detach()
+        assert moved.any(), f"{n} did not train"
+        assert not (moved & ~masks[n]).any(), f"{n}: an entry outside the mask moved"
+    assert result.metrics["fisher_warmup_steps"] == 10
 
 
 def test_child_tuning_f_masks_a_fresh_random_subset_each_step(tiny):
@@ -255,6 +314,8 @@ def test_child_tuning_options_are_checked():
         TrainOptions(child_tuning="F", reserve_p=0.0)
     with pytest.raises(ValueError, match="fisher_batches"):
         TrainOptions(child_tuning="D", fisher_batches=0)
+    with pytest.raises(ValueError, match="fisher_warmup_steps"):
+        TrainOptions(child_tuning="D", fisher_warmup_steps=-1)
 
 
 def test_sparse_trains_the_backbones_top_fisher_weights_without_touching_them(tiny):
@@ -307,9 +368,10 @@ def test_cli_train_child_tuning_and_sparse(tmp_path, tiny, monkeypatch):
     common = ["--data", str(data), "--max-steps", "2", "--batch-size", "4", "--labels", '{"no": " no", "yes": " yes"}']
     out = tmp_path / "lora-d.zip"
     assert cli_main(["train", "lora", *common, "--out", str(out), "--child-tuning", "D", "--reserve-p", "0.2",
-                     "--fisher-batches", "1", "--lr", "0.01"]) == 0
+                     "--fisher-batches", "1", "--fisher-warmup-steps", "2", "--lr", "0.01"]) == 0
     metrics = load_module(read_artifact(out.read_bytes()), tiny).manifest.metrics
     assert metrics["child_tuning"] == "D" and metrics["reserve_p"] == 0.2 and metrics["fisher_batches"] == 1
+    assert metrics["fisher_warmup_steps"] == 2
     out = tmp_path / "prompt-f.zip"
     assert cli_main(["train", "prompt", *common, "--out", str(out), "--child-tuning", "F"]) == 0
     assert load_module(read_artifact(out.read_bytes()), tiny).manifest.metrics["child_tuning"] == "F"
