@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 import torch
 
 from modules.batch import Contribution
@@ -173,5 +175,29 @@ def test_long_prompts_prefilled_in_chunks_get_their_alone_tokens(tiny):
         done.update({id(i): g for i, g in batch.step()})
     alone = _alone(tiny, items)
     assert chunked > len(items) // 3  # rows waited for their prefill over several steps
+    for it in items:
+        assert done[id(it)].token_ids == alone[id(it)].token_ids
+
+
+@pytest.mark.integration
+def test_joining_on_the_real_backbone_gives_the_alone_tokens(real_backbone):
+    """On the embedded SmolLM2 (fp32): rows of LoRA, soft-prompt, prefix and composed modules join
+    at steps 0, 2 and 5 of each other's decoding; each gets its alone tokens."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from mixed_batch import mixed_modules
+
+    bb = real_backbone
+    mods = mixed_modules(bb)
+    items = [GenItem(m.encode(t), m.contribution(m.encode(t)), Sampling(max_new_tokens=8))
+             for m, t in zip(mods[::3], ["What is the capital of Italy?", "Name a famous painter.", "Hi!"] * 2)]
+    alone = _alone(bb, items)
+    batch, done = RunningBatch(bb), {}
+    for k in range(30):
+        if k in (0, 2, 5):
+            batch.join(items[{0: 0, 2: 2, 5: 4}[k]:][:2])
+        done.update({id(i): g for i, g in batch.step()})
     for it in items:
         assert done[id(it)].token_ids == alone[id(it)].token_ids
