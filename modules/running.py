@@ -139,6 +139,22 @@ class RunningBatch:
         """Rows joined but not yet through their prefill."""
         return len(self._waiting)
 
+    def fits(self, rows: list[tuple[int, int]], budget: int) -> bool:
+        """Whether rows of (prompt positions, max new tokens) can join without the key/value buffer
+        (slots x columns) passing `budget` tokens before any row leaves: every slot spans the whole
+        width, which must hold the longest prompt and then every row's remaining tokens."""
+        live = [r for r in self.rows if r is not None]
+        if live:
+            start = int(self.mask[[s for s, r in enumerate(self.rows) if r is not None]].any(0).nonzero().min())
+        span = self.n - start if live else 0
+        for w in self._waiting:
+            c = w.state.item.contribution
+            rows = rows + [(c.prefix_length + c.num_virtual_tokens + len(w.state.item.ids), w.state.item.sampling.max_new_tokens)]
+        width = max([span] + [p for p, _ in rows]) + max([r.item.sampling.max_new_tokens - len(r.ids) for r in live]
+                                                      + [m for _, m in rows] + [0]) + 1
+        slots = max(_power_of_two(len(live) + len(rows), _MIN_SLOTS), len(self.rows))
+        return slots * max(_power_of_two(width, _MIN_COLUMNS), self.mask.shape[1]) <= budget
+
     # --- joining -------------------------------------------------------------------------------
 
     def join(self, items: list[GenItem]) -> None:

@@ -30,9 +30,10 @@ log = logging.getLogger("frozenlm.engine")
 
 
 class ContinuousEngine(Engine):
-    """`Engine`'s interface, scheduled per step. `kv_tokens` bounds the tokens the running rows may
-    hold (each admitted row reserves its prompt plus its max_new_tokens, so the cache never outgrows
-    the budget); `max_running` bounds the rows decoded together; `prefill_tokens` bounds the prompt
+    """`Engine`'s interface, scheduled per step. `kv_tokens` bounds the running batch's key/value
+    buffer (slots x columns, see `RunningBatch.fits`): a row joins only if the buffer stays within
+    it until a row leaves, with every row at its max_new_tokens; a job alone on an idle engine
+    always runs (the request limits bound it). `max_running` bounds the rows decoded together; `prefill_tokens` bounds the prompt
     tokens prefilled per step (longer prompts take several steps, so running rows keep decoding);
     `prefix_cache_tokens` bounds the cached keys/values of rows' leading tokens."""
 
@@ -40,23 +41,22 @@ class ContinuousEngine(Engine):
                  max_running: int = 32, kv_tokens: int = 65536, prefill_tokens: int = 512,
                  prefix_cache_tokens: int = 8192, on_step=None):
         super().__init__(backbone, scheduler, on_batch=on_batch, on_cancel=on_cancel, lock=lock)
-        if kv_tokens < scheduler.max_batch_tokens:  # a job the queue accepts must fit an empty batch
-            raise ValueError(f"the KV budget ({kv_tokens} tokens) is below the largest job the queue "
-                             f"accepts ({scheduler.max_batch_tokens} tokens)")
         self.max_running, self.kv_tokens = max_running, kv_tokens
         self.on_step = on_step  # callback(batch, seconds, jobs decoded, jobs given their first token), for metrics
         self.batch = RunningBatch(backbone, PrefixCache(prefix_cache_tokens), prefill_tokens)
         self._running: dict[int, Job] = {}  # id(GenItem) -> its job
 
-    @property
-    def reserved(self) -> int:
-        return sum(j.cost for j in self._running.values())
+    def _fits(self, jobs: list[Job]) -> bool:
+        """Whether the generation rows among `jobs` can join within the KV budget (a job's cost is
+        its prompt's positions plus its max_new_tokens); scoring rows run in this step and leave."""
+        rows = [(j.cost - j.sampling.max_new_tokens, j.sampling.max_new_tokens) for j in jobs if j.sampling is not None]
+        return self.batch.fits(rows, self.kv_tokens)
 
     def _loop(self) -> None:
         while True:
             idle = not self._running
             jobs = self.scheduler.next_batch(timeout=0.5 if idle else 0, rows=self.max_running - len(self._running),
-                                             tokens=self.kv_tokens - self.reserved)
+                                             fits=lambda jobs, idle=idle: (idle and len(jobs) == 1) or self._fits(jobs))
             if jobs:
                 self._admit(jobs)
             elif idle:

@@ -58,11 +58,11 @@ class Scheduler:
             self._q.extend(jobs)
             self._cond.notify()
 
-    def next_batch(self, timeout: float = 0.5, rows: int | None = None, tokens: int | None = None) -> list[Job]:
-        """The oldest jobs, up to `rows` (default max_batch_size) within `tokens` of cost (default
-        max_batch_tokens); [] on timeout or close. With the defaults at least one job is taken; a
-        caller that passes smaller limits (room left in a running batch) may get none."""
-        room = tokens if tokens is not None else self.max_batch_tokens
+    def next_batch(self, timeout: float = 0.5, rows: int | None = None, fits=None) -> list[Job]:
+        """The oldest jobs, FIFO, up to `rows` (at most max_batch_size); [] on timeout or close.
+        Without `fits`, within max_batch_tokens of cost and at least one job. With `fits` (a
+        predicate on the jobs taken so far plus the next: room left in a running batch), a job is
+        taken only if it fits, so none may be taken; the queue's order is kept either way."""
         rows = self.max_batch_size if rows is None else min(rows, self.max_batch_size)
         with self._cond:
             if not self._q and timeout > 0:
@@ -70,7 +70,9 @@ class Scheduler:
             batch, used = [], 0
             while self._q and len(batch) < rows:
                 job = self._q[0]
-                if used + job.cost > room and (batch or tokens is not None):
+                if fits is not None and not fits(batch + [job]):
+                    break
+                if fits is None and batch and used + job.cost > self.max_batch_tokens:
                     break
                 batch.append(self._q.popleft())
                 used += job.cost

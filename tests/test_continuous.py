@@ -19,7 +19,7 @@ from tests.test_engine import _broken, _job, _outcome, _prompt, _same
 @pytest.fixture
 def engine(tiny):
     steps = []
-    e = ContinuousEngine(tiny, Scheduler(max_queue=64, max_batch_tokens=4096), kv_tokens=4096, on_step=lambda *a: steps.append(a))
+    e = ContinuousEngine(tiny, Scheduler(max_queue=64), on_step=lambda *a: steps.append(a))
     e.steps = steps
     e.start()
     yield e
@@ -105,26 +105,31 @@ def test_a_cancelled_row_stops_at_the_next_step(tiny, engine):
 
 
 def test_the_kv_budget_holds_rows_back_in_the_queue(tiny):
-    """Each running row reserves prompt + max_new_tokens; a row that would pass the budget waits."""
+    """Rows join only while the key/value buffer (slots x columns) stays within the budget: here 8
+    slots x 64 columns hold rows of up to 63 positions, so a 100-token row waits until the short
+    ones have left, and then runs alone."""
     base = NoModule(tiny)
-    jobs = [Job(base, base.encode(t), Sampling(max_new_tokens=30, ignore_eos=True), cost=40) for t in "abcd"]
+    short = [Job(base, base.encode(t), Sampling(max_new_tokens=30, ignore_eos=True), cost=40) for t in "abcd"]
+    long = Job(base, base.encode("e"), Sampling(max_new_tokens=100, ignore_eos=True), cost=110)
     seen = []
-    engine = ContinuousEngine(tiny, Scheduler(max_batch_tokens=80), kv_tokens=80,
-                              on_step=lambda batch, s, decoded, first: seen.append(len(decoded)))
-    engine.scheduler.submit(jobs)
+    engine = ContinuousEngine(tiny, Scheduler(), kv_tokens=8 * 64,
+                              on_step=lambda batch, s, decoded, first: seen.append({j.cost for j in decoded}))
+    engine.scheduler.submit(short + [long])
     engine.start()
     try:
-        _wait(jobs)
+        _wait(short + [long])
     finally:
         engine.stop()
-    assert max(seen) == 2 and all(j.future.result().finish_reason == "length" for j in jobs)
+    assert {40} in seen and {110} in seen and not any(len(costs) > 1 for costs in seen)
+    assert all(j.future.result().finish_reason == "length" for j in short + [long])
+    assert long.started >= max(j.finished for j in short)
 
 
 def test_step_metrics_time_to_first_token_and_between_tokens(tiny):
     from service import metrics
 
     base = NoModule(tiny)
-    engine = ContinuousEngine(tiny, Scheduler(max_batch_tokens=4096), kv_tokens=4096, on_step=metrics.observe_step)
+    engine = ContinuousEngine(tiny, Scheduler(), on_step=metrics.observe_step)
     jobs = [Job(base, base.encode(t), Sampling(max_new_tokens=5, ignore_eos=True), cost=20, task="metrics-probe")
             for t in ("a", "bb", "ccc")]
     engine.scheduler.submit(jobs)
