@@ -39,8 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 LABELS = {"negative": " negative", "positive": " positive"}
 REVIEWS = ["a gorgeous , witty , deeply moving film .", "a dull , lifeless and tedious mess .",
            "the performances are strong but the script is thin .", "i loved every minute of it ."]
-HEAD = ("You are a concise assistant for a support desk. Answer the customer's question below in one "
-        "short, friendly sentence, without any preamble.\n\nQuestion: {input}\nAnswer:")
+HEAD = ("You are a concise assistant for the support desk of a small online shop. Answer the customer's "
+        "question below in one short, friendly sentence, without any preamble or sign-off.\n\n"
+        "Question: {input}\nAnswer:")
 
 
 def tasks(bb) -> dict[str, tuple[object, str]]:
@@ -53,9 +54,11 @@ def tasks(bb) -> dict[str, tuple[object, str]]:
         out[f"cls-{kind}-{i}"] = (_randomized(m, 400 + i), "label")
     for i in range(5):
         out[f"gen-lora-{i}"] = (loras[i], "text")
-    for i, p in enumerate((4, 8)):
-        out[f"gen-prompt-{i}"] = (_randomized(kind_class("prompt").new(bb, {"num_virtual_tokens": p}), 500 + i), "text")
-        out[f"gen-prefix-{i}"] = (_randomized(kind_class("prefix").new(bb, {"num_virtual_tokens": p}), 600 + i), "text")
+    for i, p in enumerate((4, 8)):  # with a fixed instruction before the input: what the prefix cache is for
+        prompt = kind_class("prompt").new(bb, {"num_virtual_tokens": p}, template=HEAD)
+        prefix = kind_class("prefix").new(bb, {"num_virtual_tokens": p}, template=HEAD)
+        out[f"gen-prompt-{i}"] = (_randomized(prompt, 500 + i), "text")
+        out[f"gen-prefix-{i}"] = (_randomized(prefix, 600 + i), "text")
     parts = [{"kind": "lora", "config": {"r": 4}}, {"kind": "prompt", "config": {"num_virtual_tokens": 4}}]
     out["gen-compose"] = (_randomized(kind_class("compose").new(bb, {"parts": parts}), 700), "text")
     out["gen-ia3"] = (_randomized(kind_class("ia3").new(bb), 800), "text")

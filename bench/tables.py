@@ -53,8 +53,32 @@ def squad_rrr(r: dict) -> str:
     return "\n".join(lines)
 
 
+def continuous(r: dict) -> str:
+    lines = [f"Embedded backbone ({r['backbone']}), {r['requests']} requests, Poisson arrivals at {r['rate_per_s']}/s "
+             f"over 16 tasks of mixed kinds (a quarter 128-256-token generations, the rest one-pass "
+             f"classifications or 8-token answers), seed {r['seed']}; {r['machine']}. Short requests alone on an "
+             f"idle server: p50 {r['idle_short_p50_s']} s.", "",
+             "| engine | tokens/s | short p50 (s) | short p99 (s) | short p50 / idle | TTFT p50 (s) | TTFT p99 (s) |"
+             " prefix-cache hits |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, v in r["results"].items():
+        hits = v.get("prefix_cache_hit_ratio")
+        lines.append(f"| {name} | {v['tokens_per_s']} | {v['short_p50_s']} | {v['short_p99_s']} | "
+                     f"{v['short_p50_over_idle']} | {v['ttft_p50_s']} | {v['ttft_p99_s']} | "
+                     f"{'-' if hits is None else hits} |")
+    q, t = r["ratios"], r["prefix_cache_ttft"]
+    lines += ["", "| measure | value | target |", "|---|---:|---|",
+              f"| short p50 under load / idle (continuous) | {r['results']['continuous']['short_p50_over_idle']} | <= 2 |",
+              f"| throughput, continuous / static | {q['throughput_continuous_over_static']} | >= 1 |",
+              f"| short p50, static / continuous | {q['short_p50_static_over_continuous']} | - |",
+              f"| TTFT of a `prompt` task ({t['template_head_tokens']}-token template head), prefix cache off -> on "
+              f"| {t['ttft_p50_ms_cache_off']} -> {t['ttft_p50_ms_cache_on']} ms ({100 * t['reduction']:.0f}% lower) "
+              f"| >= 30% lower |"]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    for name, fn in (("mixed_batch", mixed_batch), ("sst2_http", sst2_http), ("squad_rrr", squad_rrr)):
+    for name, fn in (("mixed_batch", mixed_batch), ("sst2_http", sst2_http), ("squad_rrr", squad_rrr),
+                     ("continuous", continuous)):
         path = RESULTS / f"{name}.json"
         if path.is_file():
             print(f"<!-- {name}: from bench/results/{name}.json -->")
