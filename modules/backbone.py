@@ -143,6 +143,23 @@ class BackboneInfo:
     fingerprint: str
 
 
+@dataclass(frozen=True)
+class NormInfo:
+    """A normalization layer of the backbone: its width, epsilon, and whether it is an RMSNorm
+    (else a LayerNorm)."""
+
+    size: int
+    eps: float
+    rms: bool
+
+    def normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's input normalized, before its weight (and bias) are applied. (..., H)"""
+        h = x.float()
+        if not self.rms:
+            h = h - h.mean(-1, keepdim=True)
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
 class Backbone:
     """A frozen causal LM and its tokenizer. Never trained, never written into.
 
@@ -173,8 +190,9 @@ class Backbone:
             vocab_size=cfg.vocab_size,
             fingerprint=fingerprint(self.model),
         )
-        self._plan = None  # the per-row linear deltas of the pass running now (a modules.batch.DeltaPlan)
+        self._plan = None  # the per-row deltas of the pass running now (a modules.batch.DeltaPlan)
         self.linear_keys = self._hook_linears()
+        self.norm_keys = self._hook_norms()
 
     def _hook_linears(self) -> dict[str, tuple[int, int]]:
         """Hook every linear layer of the decoder so per-row deltas (LoRA...) can join a pass.
@@ -190,6 +208,25 @@ class Backbone:
                     return self._plan.apply(key, args[0], out) if self._plan else None
 
                 mod.register_forward_hook(hook)
+        return keys
+
+    def _hook_norms(self) -> dict[str, "NormInfo"]:
+        """Hook every normalization layer (RMSNorm or LayerNorm: each decoder layer's two, and the
+        final one) the same way, so per-row deltas of their weights can join a pass (`layernorm`).
+
+        Returns {key: NormInfo}; keys as for linears, e.g. "layers.0.input_layernorm", "norm"."""
+        keys = {}
+        for name, mod in self.model.base_model.named_modules():
+            rms = type(mod).__name__.endswith("RMSNorm")
+            if not (rms or isinstance(mod, nn.LayerNorm)) or getattr(mod, "weight", None) is None:
+                continue
+            eps = getattr(mod, "variance_epsilon", None) or getattr(mod, "eps", 1e-6)
+            keys[name] = NormInfo(mod.weight.shape[-1], float(eps), rms)
+
+            def hook(_mod, args, out, key=name):
+                return self._plan.apply(key, args[0], out) if self._plan else None
+
+            mod.register_forward_hook(hook)
         return keys
 
     @classmethod

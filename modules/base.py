@@ -49,6 +49,7 @@ KINDS: dict[str, str] = {
     "idpt": "modules.idpt:IDPTModule",
     "recursive": "modules.recursive:RecursiveModule",
     "rrr": "modules.rrr:RRRModule",
+    "layernorm": "modules.layernorm:LayerNormModule",
 }
 
 

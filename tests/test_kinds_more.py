@@ -29,6 +29,8 @@ CONFIGS = {
     "said": ("said", {"d": 64, "targets": ["q_proj", "v_proj", "down_proj"], "seed": 3}),
     "said-did": ("said", {"d": 32, "said": False, "layers": [0]}),
     "sparse": ("sparse", {"nnz": {Q: 300, DOWN: 500}}),
+    "layernorm": ("layernorm", {}),
+    "layernorm-layer1": ("layernorm", {"targets": ["post_attention_layernorm"], "layers": [1]}),
 }
 
 
@@ -113,6 +115,9 @@ def _edit(m):
                 _linear(model, key).weight.add_(m.delta_weight(key).detach())
         elif m.kind == "adapter":
             _adapter_hooks(model, m)
+        elif m.kind == "layernorm":
+            for key in m.delta.keys:
+                model.model.get_submodule(key).weight.add_(m.scale[key.replace(".", "__")].detach())
     return edit
 
 

@@ -1,0 +1,75 @@
+"""Kind `layernorm`: LayerNorm tuning, learned deltas of the backbone's normalization weights
+(the "part-parameter tuning" of the delta-tuning survey; Zhao et al. 2023, "Tuning LayerNorm in
+Attention").
+
+A normalization layer computes `y = w * n(x)` (+ b for a LayerNorm), n the RMS (or mean and
+variance) normalization. This module learns Δw per chosen layer and gives its rows
+`y' = (w + Δw) * n(x) = y + Δw * n(x)`, recomputing n(x) from the layer's input; the shared weights
+stay untouched, and Δw starts at zero (a no-op). The layers are those the backbone hooks:
+each decoder layer's `input_layernorm` and `post_attention_layernorm`, and the final `norm`.
+
+Example::
+
+    m = LayerNormModule.new(backbone, {"targets": ["input_layernorm", "post_attention_layernorm"]})
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from modules.artifact import ArtifactError
+from modules.base import TaskModule
+from modules.batch import Contribution
+from modules.targets import SlotKeys, slot
+
+NormTarget = Literal["input_layernorm", "post_attention_layernorm", "norm"]
+
+
+class LayerNormConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    targets: list[NormTarget] = Field(["input_layernorm", "post_attention_layernorm", "norm"], min_length=1,
+                                      description="Normalization layers whose weights get a learned delta, by "
+                                                  "name: each decoder layer's input_layernorm and "
+                                                  "post_attention_layernorm, and the final norm.")
+    layers: list[int] | None = Field(None, description="Decoder layers to adapt; None = all (the final norm "
+                                                       "is not in a layer and is kept whenever it is a target).")
+
+
+def select_norms(backbone, targets, layers: list[int] | None) -> dict:
+    chosen = {key: info for key, info in backbone.norm_keys.items()
+              if key.rsplit(".", 1)[-1] in targets and (key == "norm" or layers is None or int(key.split(".")[1]) in layers)}
+    if not chosen:
+        raise ArtifactError(f"targets {sorted(targets)} in layers {layers} select no normalization layer of this backbone")
+    return chosen
+
+
+class LayerNormModule(SlotKeys, TaskModule):
+    kind = "layernorm"
+    Config = LayerNormConfig
+
+    def __init__(self, manifest, config: LayerNormConfig, backbone):
+        super().__init__(manifest, config, backbone)
+        self.norms = select_norms(backbone, config.targets, config.layers)
+        self.scale = nn.ParameterDict({slot(key): nn.Parameter(torch.zeros(info.size))   # (H,)
+                                       for key, info in self.norms.items()})
+        self.delta = _Delta(self)
+
+    def contribution(self, ids: list[int]) -> Contribution:
+        return Contribution(linear=self.delta)
+
+
+class _Delta:
+    """y + Δw * n(x) for this module's rows (one object per module, so the engine groups rows by it)."""
+
+    def __init__(self, module: LayerNormModule):
+        self.module = module
+        self.keys = frozenset(module.norms)
+
+    def __call__(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        dw = self.module.scale[slot(key)].to(y.dtype)                           # (H,)
+        return y + dw * self.module.norms[key].normalized(x)                   # (n, T, H)
