@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 FORMAT = "frozenlm.module/1"
 MANIFEST_FILE = "module.json"
 WEIGHTS_FILE = "weights.safetensors"
+MAX_LABELS = 32        # labels of a classification task
+MAX_LABEL_TOKENS = 16  # tokens of one label's verbalizer
 
 # The kind registry: one line per kind, "kind": "module:Class". Adding a kind = its file + one line.
 KINDS: dict[str, str] = {
@@ -126,6 +128,8 @@ class Manifest(_Strict):
     def _labels(cls, v: dict[str, str] | None) -> dict[str, str] | None:
         if v is not None and (len(v) < 2 or any(not t for t in v.values())):
             raise ValueError("labels needs at least two labels, each with a non-empty verbalizer")
+        if v is not None and len(v) > MAX_LABELS:
+            raise ValueError(f"labels has {len(v)} labels; at most {MAX_LABELS} are allowed")
         return v
 
 
@@ -147,6 +151,10 @@ class TaskModule(nn.Module):
         self.manifest = manifest
         self.config = config
         self.tokenizer = backbone.tokenizer
+        for label, ids in zip(manifest.labels or {}, self.label_ids):
+            if len(ids) > MAX_LABEL_TOKENS:
+                raise ValueError(f"label {label!r}'s verbalizer is {len(ids)} tokens; "
+                                 f"at most {MAX_LABEL_TOKENS} are allowed")
 
     # --- construction ------------------------------------------------------------------------
 

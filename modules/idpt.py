@@ -89,6 +89,10 @@ class IDPTModule(TaskModule):
     def pass_length(self, n: int) -> int:
         return n + max(self.config.num_virtual_tokens, self.config.encoder_prompt_tokens)
 
+    def probe_tokens(self, n: int) -> int:
+        """The encoder pass: [E | input] (counted as if it ran every layer)."""
+        return n + self.config.encoder_prompt_tokens
+
     def probe(self, ids: list[int]) -> Probe:
         prompt = self.encoder_prompt if self.config.encoder_prompt_tokens else None
         return Probe([Row(ids, Contribution(prepend=prompt))], depth=self.depth)

@@ -94,6 +94,12 @@ class RecursiveModule(TaskModule):
             return max(first, n + c.pass2_prompt_tokens + c.candidates * (c.candidate_tokens + 2) + 8)
         return max(first, c.pass2_prompt_tokens + n + (n if c.feed == "prepend" else 0))
 
+    def probe_tokens(self, n: int) -> int:
+        """Pass 1 over [P1 | input]; textual mode samples `candidates` continuations of it."""
+        c = self.config
+        first = n + c.pass1_prompt_tokens
+        return c.candidates * (first + c.candidate_tokens) if c.mode == "textual" else first
+
     def probe(self, ids: list[int]) -> Probe:
         row = Row(ids, Contribution(prepend=self.prompt1 if self.config.pass1_prompt_tokens else None))
         if self.config.mode == "textual":

@@ -198,6 +198,12 @@ class RRRModule(TaskModule):
         reranker = self._overhead(c.rerank_template) + c.rerank_passage_tokens + n if c.rerank else 0
         return max(reader, reranker)
 
+    def probe_tokens(self, n: int) -> int:
+        """Every reranker row: `candidates` of [template | passage cut | question]. (The reader
+        row is the request's own row, counted by `pass_length`.)"""
+        c = self.config
+        return c.candidates * (self._overhead(c.rerank_template) + c.rerank_passage_tokens + n) if c.rerank else 0
+
     # --- the steps ---------------------------------------------------------------------------
 
     def question(self, ids: list[int]) -> str:
