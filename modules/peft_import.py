@@ -9,7 +9,6 @@ refused; so are adapters whose shapes do not fit this backbone.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 
@@ -17,7 +16,7 @@ import torch
 
 from modules.artifact import ArtifactError
 from modules.backbone import Backbone
-from modules.base import BackboneMismatch, BackboneRef, Manifest, TaskModule, kind_class
+from modules.base import BackboneMismatch, BackboneRef, Manifest, TaskModule, kind_class, loads
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -126,9 +125,11 @@ def load_peft(files: dict[str, bytes], backbone: Backbone) -> TaskModule:
     from safetensors.torch import load
 
     try:
-        cfg = json.loads(files[CONFIG_FILE])
+        cfg = loads(files[CONFIG_FILE])
     except ValueError as e:
         raise ArtifactError(f"{CONFIG_FILE} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ArtifactError(f"{CONFIG_FILE} must hold a JSON object")
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type not in _CONVERTERS:
         raise ArtifactError(f"PEFT adapter type {peft_type or '?'} is not supported; "
@@ -142,4 +143,9 @@ def load_peft(files: dict[str, bytes], backbone: Backbone) -> TaskModule:
         tensors = load(files[WEIGHTS_FILE])
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise ArtifactError(f"{WEIGHTS_FILE} is not a valid safetensors file: {e}") from e
-    return _CONVERTERS[peft_type](cfg, tensors, backbone)
+    try:
+        return _CONVERTERS[peft_type](cfg, tensors, backbone)
+    except ArtifactError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # a config value of the wrong type
+        raise ArtifactError(f"invalid PEFT {peft_type} adapter: {e}") from e

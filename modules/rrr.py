@@ -63,7 +63,7 @@ class RRRConfig(BaseModel):
     retrieval: Literal["bm25", "dense", "hybrid"] = Field("bm25", description="How candidates are retrieved.")
     candidates: int = Field(8, ge=1, le=64, description="Documents retrieved per question (and reranked).")
     rerank: bool = Field(True, description="Rerank the candidates (false: pack them in retrieval order).")
-    reranker_depth: int = Field(0, ge=0, description="Layers of the backbone in the joint encoding; "
+    reranker_depth: int = Field(0, ge=0, le=256, description="Layers of the backbone in the joint encoding; "
                                                      "0 = a third of the backbone's layers.")
     pool: Literal["question", "last", "mean"] = Field(
         "question", description="Reranker: the mean state over the positions after the passage (the question, "

@@ -1,15 +1,166 @@
-"""Hostile manifests and PEFT configs (issue 14, defects 6, 10 and 11): label caps, and each probing
-kind's `probe_tokens` an upper bound of its probe rows."""
+"""Hostile manifests and PEFT configs (issue 14, defects 6, 10 and 11): every size field bounded,
+declared tensor shapes checked before anything is built, construction errors as 422, uploaded
+NaN/Infinity refused, label caps, and each probing kind's `probe_tokens` an upper bound of its probe rows.
+
+The attacks run against one real server on the tiny model: each gets 422, `/readyz` stays 200, the
+store is byte-for-byte unchanged and the server's peak memory grows by less than 100 MB."""
 
 from __future__ import annotations
 
-import pytest
-from pydantic import ValidationError
+import json
+import os
 
-from modules.base import MAX_LABEL_TOKENS, MAX_LABELS, BackboneRef, Manifest, kind_class
-from modules.retrieval import Retriever
+import httpx
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import save
+
+from modules.artifact import ArtifactError, pack, read_artifact
+from modules.base import (MAX_LABEL_TOKENS, MAX_LABELS, BackboneRef, Manifest, kind_class, load_module, loads,
+                          weight_shapes)
 from modules.rrr import Corpus
+from modules.retrieval import Retriever
+from tests.adversary import assert_ready, peak_growth_mb, served, store_digest
 from tests.test_documents import CORPUS
+
+ADMIN = {"Authorization": "Bearer config-admin"}
+
+
+def _artifact(bb, kind: str, config: dict, tensors: dict | None = None, edit=lambda text: text,
+              **manifest) -> bytes:
+    """A module zip written by hand: module.json as given (json.dumps writes NaN and Infinity as
+    such; `edit` may change its text), weights of a module of the kind made with the config's
+    valid part (`targets`) unless `tensors` says otherwise."""
+    if tensors is None:
+        tensors = kind_class(kind).new(bb, {k: v for k, v in config.items() if k == "targets"}).tensors()
+    doc = {"format": "frozenlm.module/1", "kind": kind, "backbone": BackboneRef.of(bb).model_dump(),
+           "config": config, **manifest}
+    return pack({"module.json": edit(json.dumps(doc)).encode(), "weights.safetensors": save(tensors)})
+
+
+def _peft(bb, config: dict, rank=lambda key: 4) -> bytes:
+    """A PEFT LoRA folder on q_proj of every layer, A (rank, in) and B (out, rank)."""
+    tensors = {}
+    for key, (fan_in, fan_out) in bb.linear_keys.items():
+        if key.endswith("q_proj"):
+            name = f"base_model.model.model.{key}"
+            tensors[f"{name}.lora_A.weight"] = torch.randn(rank(key), fan_in)
+            tensors[f"{name}.lora_B.weight"] = torch.randn(fan_out, rank(key))
+    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], **config}
+    return pack({"adapter_config.json": json.dumps(cfg).encode(), "adapter_model.safetensors": save(tensors)})
+
+
+def _lora(**config):
+    return lambda bb: _artifact(bb, "lora", {"targets": ["q_proj"], **config})
+
+
+def _kind(kind: str, config: dict, **kw):
+    return lambda bb: _artifact(bb, kind, config, **kw)
+
+
+ATTACKS = {
+    # sizes past their bounds, or within them but disagreeing with the tensors: nothing allocated
+    "rank_pattern 400000": _lora(rank_pattern={"layers.0.self_attn.q_proj": 400000}),
+    "idpt attention_dim 200000": _kind("idpt", {"attention_dim": 200000}),
+    "recursive connector_dim 4096": _kind("recursive", {"connector": "transformer", "connector_dim": 4096}),
+    "recursive connector_dim 2048, default tensors": _kind("recursive", {"connector": "transformer",
+                                                                         "connector_dim": 2048}),
+    "prefix reparam_hidden 4096": _kind("prefix", {"reparam_hidden": 4096}),
+    # construction errors, each once a 500
+    "rank_pattern not a dict": _lora(rank_pattern=["q_proj", 4]),
+    "unknown LoRA target": _kind("lora", {"targets": ["q_proj", "qq_proj"]}, tensors={}),
+    "idpt encoder_layers 999": _kind("idpt", {"encoder_layers": 999}),
+    "idpt encoder_layers past the backbone": _kind("idpt", {"encoder_layers": 200}),
+    "idpt heads do not divide attention_dim": _kind("idpt", {"attention_dim": 100, "heads": 3}),
+    "compose with an rrr part": _kind("compose", {"parts": [{"kind": "prompt"}, {"kind": "rrr"}]}, tensors={}),
+    # NaN and Infinity (1e999 overflows to Infinity in json.loads)
+    "alpha Infinity": _lora(alpha=float("inf")),
+    "alpha 1e999": _kind("lora", {"targets": ["q_proj"], "alpha": 1.25}, edit=lambda t: t.replace("1.25", "1e999")),
+    "adapter scale NaN": _kind("adapter", {"scale": float("nan")}),
+    "temperature Infinity": _kind("prompt", {}, generation={"temperature": float("inf")}),
+    # labels
+    "too many labels": _kind("template", {}, labels={f"l{i}": f" w{i}" for i in range(MAX_LABELS + 1)}),
+    "a label too long": _kind("template", {}, labels={"a": " yes", "b": "x" * (MAX_LABEL_TOKENS + 1)}),
+    # PEFT
+    "PEFT lora_alpha NaN": lambda bb: _peft(bb, {"r": 4, "lora_alpha": float("nan")}),
+}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_served, tmp_path_factory):
+    folder, bb = tiny_served
+    store = tmp_path_factory.mktemp("config-store")
+    env = {"FROZENLM_BACKBONE": str(folder), "FROZENLM_EXAMPLES": "false", "FROZENLM_DEVICE": "cpu",
+           "FROZENLM_ADMIN_KEY": "config-admin"}
+    with served(env, store) as srv:
+        ok = httpx.put(srv.url + "/tasks/kept", content=_artifact(bb, "prompt", {}), headers=ADMIN, timeout=60)
+        assert ok.status_code == 201, ok.text
+        yield srv, bb
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_hostile_upload_is_refused_cheaply(server, name):
+    srv, bb = server
+    data = ATTACKS[name](bb)
+    before = store_digest(srv.store)
+    box = {}
+    growth = peak_growth_mb(srv.pid, lambda: box.setdefault(
+        "r", httpx.put(srv.url + "/tasks/hostile", content=data, headers=ADMIN, timeout=120)))
+    r = box["r"]
+    assert r.status_code == 422, r.text
+    assert store_digest(srv.store) == before
+    assert growth < 100, f"{name}: peak memory grew by {growth:.0f} MB"
+    assert_ready(srv.url)
+
+
+def test_refusals_say_why(server):
+    srv, bb = server
+
+    def message(name: str) -> str:
+        return httpx.put(srv.url + "/tasks/hostile", content=ATTACKS[name](bb), headers=ADMIN,
+                         timeout=120).json()["error"]["message"]
+
+    assert "probes the input" in message("compose with an rrr part")
+    assert "Infinity" in message("temperature Infinity")
+    assert "expected" in message("recursive connector_dim 2048, default tensors")
+
+
+# --- unit tests ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", "1e999", '{"a": [1, {"b": -1e400}]}'])
+def test_artifact_json_refuses_nan_and_infinity(text):
+    with pytest.raises(ValueError):
+        loads(text)
+
+
+def test_artifact_json_reads_finite_numbers():
+    assert loads('{"a": 1.5, "b": [2, -3e10]}') == {"a": 1.5, "b": [2, -3e10]}
+
+
+def test_weight_shapes_come_from_the_header_alone():
+    data = save({"a": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.int64)})
+    assert weight_shapes(data) == {"a": (3, 4), "b": (5,)}
+    for broken in (data[:4], b"\xff" * 8 + data[8:], data[:8] + b"[]" + data[10:]):
+        with pytest.raises(ArtifactError):
+            weight_shapes(broken)
+
+
+def test_checking_a_config_allocates_nothing(tiny):
+    """A connector of 2048 (33M parameters, 134 MB) in a manifest whose tensors do not match: the
+    check refuses it from the shapes, having built the module on the meta device only."""
+    data = ATTACKS["recursive connector_dim 2048, default tensors"](tiny)
+    box = {}
+
+    def load():
+        try:
+            load_module(read_artifact(data), tiny)
+        except ArtifactError as e:
+            box["error"] = e
+
+    assert peak_growth_mb(os.getpid(), load) < 50
+    assert "expected" in str(box["error"])
 
 
 def test_label_caps(tiny):
