@@ -1,6 +1,7 @@
 """Hostile manifests and PEFT configs (issue 14, defects 6, 10 and 11): every size field bounded,
 declared tensor shapes checked before anything is built, construction errors as 422, uploaded
-NaN/Infinity refused, label caps, and each probing kind's `probe_tokens` an upper bound of its probe rows.
+regular expressions time-bounded, NaN/Infinity refused, PEFT ranks checked against their config,
+label caps, and each probing kind's `probe_tokens` an upper bound of its probe rows.
 
 The attacks run against one real server on the tiny model: each gets 422, `/readyz` stays 200, the
 store is byte-for-byte unchanged and the server's peak memory grows by less than 100 MB."""
@@ -19,12 +20,17 @@ from safetensors.torch import save
 from modules.artifact import ArtifactError, pack, read_artifact
 from modules.base import (MAX_LABEL_TOKENS, MAX_LABELS, BackboneRef, Manifest, kind_class, load_module, loads,
                           weight_shapes)
+from modules.peft_import import load_peft
 from modules.rrr import Corpus
 from modules.retrieval import Retriever
+from modules.targets import pattern_values
 from tests.adversary import assert_ready, peak_growth_mb, served, store_digest
 from tests.test_documents import CORPUS
 
 ADMIN = {"Authorization": "Bearer config-admin"}
+# would backtrack through a layer name for far longer than a second
+BACKTRACKING = "(?:.{0,3}){0,40}(?<=0)"
+FUZZY = "(?:(?:.*)*zzzzzzzzzzzzzzzzzzzz){e<=10}"  # `regex`'s fuzzy matching: its memory grows while it runs
 
 
 def _artifact(bb, kind: str, config: dict, tensors: dict | None = None, edit=lambda text: text,
@@ -68,12 +74,18 @@ ATTACKS = {
                                                                          "connector_dim": 2048}),
     "prefix reparam_hidden 4096": _kind("prefix", {"reparam_hidden": 4096}),
     # construction errors, each once a 500
+    "rank_pattern -1": _lora(rank_pattern={"q_proj": -1}),
+    "rank_pattern 0": _lora(rank_pattern={"q_proj": 0}),
+    "rank_pattern bad regex": _lora(rank_pattern={"((": 4}),
     "rank_pattern not a dict": _lora(rank_pattern=["q_proj", 4]),
     "unknown LoRA target": _kind("lora", {"targets": ["q_proj", "qq_proj"]}, tensors={}),
     "idpt encoder_layers 999": _kind("idpt", {"encoder_layers": 999}),
     "idpt encoder_layers past the backbone": _kind("idpt", {"encoder_layers": 200}),
     "idpt heads do not divide attention_dim": _kind("idpt", {"attention_dim": 100, "heads": 3}),
     "compose with an rrr part": _kind("compose", {"parts": [{"kind": "prompt"}, {"kind": "rrr"}]}, tensors={}),
+    # an uploaded regular expression that backtracks
+    "rank_pattern backtracking": _lora(rank_pattern={BACKTRACKING: 4}),
+    "rank_pattern fuzzy": _lora(rank_pattern={FUZZY: 4}),
     # NaN and Infinity (1e999 overflows to Infinity in json.loads)
     "alpha Infinity": _lora(alpha=float("inf")),
     "alpha 1e999": _kind("lora", {"targets": ["q_proj"], "alpha": 1.25}, edit=lambda t: t.replace("1.25", "1e999")),
@@ -83,7 +95,9 @@ ATTACKS = {
     "too many labels": _kind("template", {}, labels={f"l{i}": f" w{i}" for i in range(MAX_LABELS + 1)}),
     "a label too long": _kind("template", {}, labels={"a": " yes", "b": "x" * (MAX_LABEL_TOKENS + 1)}),
     # PEFT
+    "PEFT rank 4 under r 8": lambda bb: _peft(bb, {}),
     "PEFT lora_alpha NaN": lambda bb: _peft(bb, {"r": 4, "lora_alpha": float("nan")}),
+    "PEFT rank_pattern backtracking": lambda bb: _peft(bb, {"r": 4, "rank_pattern": {BACKTRACKING: 4}}),
 }
 
 
@@ -121,6 +135,9 @@ def test_refusals_say_why(server):
         return httpx.put(srv.url + "/tasks/hostile", content=ATTACKS[name](bb), headers=ADMIN,
                          timeout=120).json()["error"]["message"]
 
+    assert "lora_A.weight has shape (4, 64)" in message("PEFT rank 4 under r 8")
+    assert "(8, 64)" in message("PEFT rank 4 under r 8")
+    assert "more than" in message("rank_pattern backtracking")
     assert "probes the input" in message("compose with an rrr part")
     assert "Infinity" in message("temperature Infinity")
     assert "expected" in message("recursive connector_dim 2048, default tensors")
@@ -147,6 +164,23 @@ def test_weight_shapes_come_from_the_header_alone():
             weight_shapes(broken)
 
 
+def test_layer_patterns_match_the_end_of_a_name():
+    keys = ["layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj", "layers.1.mlp.up_proj"]
+    got = pattern_values({r"layers\.1\.self_attn\.q_proj": 2, "up_proj": 3, r"\w*proj": 9}, keys, 8)
+    assert got == {"layers.0.self_attn.q_proj": 9, "layers.1.self_attn.q_proj": 2, "layers.1.mlp.up_proj": 3}
+    assert pattern_values({"_proj": 1}, keys, 8) == dict.fromkeys(keys, 8)  # after a dot, not any suffix
+
+
+def test_a_backtracking_pattern_is_an_artifact_error_not_a_stall():
+    with pytest.raises(ArtifactError, match="more than"):
+        pattern_values({BACKTRACKING: 4}, ["layers.0.self_attn.q_proj"] * 50, 8)
+    for bad in ("((", FUZZY, "q{99999999999999999999}", "x" * 257):
+        with pytest.raises(ArtifactError, match="layer pattern"):
+            pattern_values({bad: 4}, ["layers.0.self_attn.q_proj"], 8)
+    assert pattern_values({r"layers\.\d{1,2}\.self_attn\.q_proj": 4}, ["layers.10.self_attn.q_proj"], 8) == \
+        {"layers.10.self_attn.q_proj": 4}
+
+
 def test_checking_a_config_allocates_nothing(tiny):
     """A connector of 2048 (33M parameters, 134 MB) in a manifest whose tensors do not match: the
     check refuses it from the shapes, having built the module on the meta device only."""
@@ -161,6 +195,15 @@ def test_checking_a_config_allocates_nothing(tiny):
 
     assert peak_growth_mb(os.getpid(), load) < 50
     assert "expected" in str(box["error"])
+
+
+def test_peft_ranks_follow_rank_pattern(tiny):
+    rank = lambda key: 4 if key.startswith("layers.0.") else 8  # noqa: E731
+    module = load_peft(read_artifact(_peft(tiny, {"rank_pattern": {"layers.0.self_attn.q_proj": 4}}, rank)), tiny)
+    assert {k: a.shape[0] for k, a in module.A.items()} == {"layers__0__self_attn__q_proj": 4,
+                                                             "layers__1__self_attn__q_proj": 8}
+    with pytest.raises(ArtifactError, match=r"layers\.1\.self_attn\.q_proj\.lora_A\.weight has shape \(8, 64\)"):
+        load_peft(read_artifact(_peft(tiny, {"r": 4}, rank)), tiny)
 
 
 def test_label_caps(tiny):
