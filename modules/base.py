@@ -369,9 +369,8 @@ def parse_manifest(raw: bytes) -> Manifest:
 def weight_shapes(data: bytes) -> dict[str, tuple[int, ...]]:
     """Each tensor's shape from a safetensors file's header, without reading the tensors."""
     try:
-        n = int.from_bytes(data[:8], "little")
-        if len(data) < 8 or n > len(data) - 8:
-            raise ValueError("the header is longer than the file")
+        if len(data) < 8 or (n := int.from_bytes(data[:8], "little")) > len(data) - 8:
+            raise ValueError("the file is shorter than its header")
         header = loads(data[8:8 + n])
         shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
         if not all(isinstance(d, int) and d >= 0 for s in shapes.values() for d in s):
