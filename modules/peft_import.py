@@ -4,7 +4,9 @@ A zip of a PEFT adapter folder (`adapter_config.json` + `adapter_model.safetenso
 `lora`, `prompt` or `prefix` module with the same weights: LoRA (any targets, ranks, alpha,
 rsLoRA, rank/alpha patterns), prompt tuning, P-tuning (PEFT saves the prompt encoder's output) and
 prefix tuning (PEFT saves the projected keys and values). Pickle `adapter_model.bin` files are
-refused; so are adapters whose shapes do not fit this backbone.
+refused; so are adapters whose shapes do not fit this backbone, LoRA tensors whose rank is not
+the one `r` and `rank_pattern` give (as PEFT itself refuses them), and NaN or Infinity anywhere in
+`adapter_config.json`. Patterns are matched by `modules.targets.pattern_values` (time-bounded).
 """
 
 from __future__ import annotations
