@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import math
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 FORMAT = "frozenlm.module/1"
 MANIFEST_FILE = "module.json"
 WEIGHTS_FILE = "weights.safetensors"
+MAX_LABELS = 32        # labels of a classification task
+MAX_LABEL_TOKENS = 16  # tokens of one label's verbalizer
 
 # The kind registry: one line per kind, "kind": "module:Class". Adding a kind = its file + one line.
 KINDS: dict[str, str] = {
@@ -127,6 +130,8 @@ class Manifest(_Strict):
     def _labels(cls, v: dict[str, str] | None) -> dict[str, str] | None:
         if v is not None and (len(v) < 2 or any(not t for t in v.values())):
             raise ValueError("labels needs at least two labels, each with a non-empty verbalizer")
+        if v is not None and len(v) > MAX_LABELS:
+            raise ValueError(f"labels has {len(v)} labels; at most {MAX_LABELS} are allowed")
         return v
 
 
@@ -148,6 +153,10 @@ class TaskModule(nn.Module):
         self.manifest = manifest
         self.config = config
         self.tokenizer = backbone.tokenizer
+        for label, ids in zip(manifest.labels or {}, self.label_ids):
+            if len(ids) > MAX_LABEL_TOKENS:
+                raise ValueError(f"label {label!r}'s verbalizer is {len(ids)} tokens; "
+                                 f"at most {MAX_LABEL_TOKENS} are allowed")
 
     # --- construction ------------------------------------------------------------------------
 
@@ -165,8 +174,20 @@ class TaskModule(nn.Module):
         """Initialise parameters of a new module (not called when loading an artifact)."""
 
     @classmethod
-    def from_tensors(cls, manifest: Manifest, tensors: dict[str, torch.Tensor], backbone: Backbone) -> "TaskModule":
-        """Build a loaded module, checking every tensor against the kind's config and the backbone."""
+    def build(cls, manifest: Manifest, config: BaseModel, backbone: Backbone) -> "TaskModule":
+        """`cls(manifest, config, backbone)`, any construction error an ArtifactError (422)."""
+        try:
+            return cls(manifest, config, backbone)
+        except ArtifactError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ArtifactError(f"invalid {cls.kind} module: {e}") from e
+
+    @classmethod
+    def check(cls, manifest: Manifest, shapes: dict[str, tuple[int, ...]], backbone: Backbone) -> BaseModel:
+        """Check a manifest and its tensors' names and shapes (e.g. from a safetensors header)
+        against the kind's config and the backbone, allocating nothing: the module is built on
+        the meta device. Returns the validated config; raises ArtifactError."""
         if manifest.backbone.fingerprint != backbone.info.fingerprint:
             raise BackboneMismatch(
                 f"module was made for backbone {manifest.backbone.name or manifest.backbone.model_type} "
@@ -176,20 +197,27 @@ class TaskModule(nn.Module):
             cfg = cls.Config(**manifest.config)
         except ValidationError as e:
             raise ArtifactError(f"invalid {cls.kind} config: {e}") from e
-        module = cls(manifest, cfg, backbone)
-        expected = module.tensors()
-        if set(tensors) != set(expected):
+        with torch.device("meta"):
+            expected = cls.build(manifest, cfg, backbone).tensors(device="meta")
+        if set(shapes) != set(expected):
             raise ArtifactError(
                 f"weights do not match the {cls.kind} config: expected tensors {sorted(expected)}, "
-                f"got {sorted(tensors)}")
+                f"got {sorted(shapes)}")
         for key, want in expected.items():
-            got = tensors[key]
-            if tuple(got.shape) != tuple(want.shape):
-                raise ArtifactError(f"tensor {key} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+            if tuple(shapes[key]) != tuple(want.shape):
+                raise ArtifactError(f"tensor {key} has shape {tuple(shapes[key])}, expected {tuple(want.shape)}")
+        return cfg
+
+    @classmethod
+    def from_tensors(cls, manifest: Manifest, tensors: dict[str, torch.Tensor], backbone: Backbone) -> "TaskModule":
+        """Build a loaded module, checking every tensor against the kind's config and the backbone."""
+        cfg = cls.check(manifest, {k: tuple(t.shape) for k, t in tensors.items()}, backbone)
+        for key, got in tensors.items():
             if not got.is_floating_point():
                 raise ArtifactError(f"tensor {key} has dtype {got.dtype}, expected a floating dtype")
             if not torch.isfinite(got).all():
                 raise ArtifactError(f"tensor {key} contains NaN or Inf")
+        module = cls.build(manifest, cfg, backbone)
         module.load_tensors(tensors)
         module.requires_grad_(False)
         return module.to(device=backbone.device, dtype=backbone.dtype).eval()
@@ -269,9 +297,10 @@ class TaskModule(nn.Module):
 
     # --- serialisation -----------------------------------------------------------------------
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor of the artifact, keyed `<kind>.<parameter name>`."""
-        return {f"{self.kind}.{k}": v.detach().to("cpu", torch.float32).contiguous()
+    def tensors(self, device: str = "cpu") -> dict[str, torch.Tensor]:
+        """Every tensor of the artifact, keyed `<kind>.<parameter name>` (on `device`; "meta"
+        for shapes alone)."""
+        return {f"{self.kind}.{k}": v.detach().to(device, torch.float32).contiguous()
                 for k, v in self.state_dict().items()}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -314,11 +343,42 @@ class NoModule(TaskModule):
         super().__init__(manifest, _Strict(), backbone)
 
 
+def _finite(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError(f"{text} is not a finite number")
+    return x
+
+
+def _refuse(constant: str):
+    raise ValueError(f"{constant} is not valid JSON (numbers must be finite)")
+
+
+def loads(raw: bytes | str) -> Any:
+    """JSON from an artifact: NaN, Infinity and numbers that overflow a float are refused
+    (ValueError), where `json.loads` would accept them."""
+    return json.loads(raw, parse_float=_finite, parse_constant=_refuse)
+
+
 def parse_manifest(raw: bytes) -> Manifest:
     try:
-        return Manifest.model_validate(json.loads(raw))
+        return Manifest.model_validate(loads(raw))
     except (ValueError, ValidationError) as e:
         raise ArtifactError(f"invalid {MANIFEST_FILE}: {e}") from e
+
+
+def weight_shapes(data: bytes) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape from a safetensors file's header, without reading the tensors."""
+    try:
+        if len(data) < 8 or (n := int.from_bytes(data[:8], "little")) > len(data) - 8:
+            raise ValueError("the file is shorter than its header")
+        header = loads(data[8:8 + n])
+        shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        if not all(isinstance(d, int) and d >= 0 for s in shapes.values() for d in s):
+            raise ValueError("a shape is not a list of sizes")
+        return shapes
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ArtifactError(f"{WEIGHTS_FILE} is not a valid safetensors file: {e}") from e
 
 
 def load_module(files: dict[str, bytes], backbone: Backbone) -> TaskModule:
@@ -337,6 +397,7 @@ def load_module(files: dict[str, bytes], backbone: Backbone) -> TaskModule:
     cls = kind_class(manifest.kind)
     if WEIGHTS_FILE not in files:
         raise ArtifactError(f"artifact has no {WEIGHTS_FILE}; weights must be safetensors (never pickle)")
+    cls.check(manifest, weight_shapes(files[WEIGHTS_FILE]), backbone)  # before any tensor is read
     try:
         tensors = load(files[WEIGHTS_FILE])
     except (SafetensorError, ValueError, RuntimeError) as e:

@@ -51,9 +51,9 @@ class ComposeModule(TaskModule):
         parts = []
         for part in config.parts:
             cls = kind_class(part.kind)
-            cfg = cls.Config(**part.config)
             if cls.probe is not TaskModule.probe:
                 raise ValueError(f"kind {part.kind} probes the input and cannot be a part of compose")
+            cfg = cls.Config(**part.config)
             parts.append(cls(manifest.model_copy(update={"kind": part.kind, "config": cfg.model_dump()}), cfg, backbone))
         self.parts = nn.ModuleList(parts)
 
@@ -74,8 +74,8 @@ class ComposeModule(TaskModule):
     def artifact_config(self) -> dict:
         return {"parts": [{"kind": p.kind, "config": p.artifact_config()} for p in self.parts]}
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for part in self.parts for k, v in part.tensors().items()}
+    def tensors(self, device: str = "cpu") -> dict[str, torch.Tensor]:
+        return {k: v for part in self.parts for k, v in part.tensors(device).items()}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         for part in self.parts:

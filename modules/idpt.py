@@ -36,11 +36,11 @@ class IDPTConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     num_virtual_tokens: int = Field(16, ge=1, le=512, description="P, the generated prompt's length.")
-    encoder_layers: int = Field(0, ge=0, description="Depth of the frozen encoder (the backbone's first k "
+    encoder_layers: int = Field(0, ge=0, le=256, description="Depth of the frozen encoder (the backbone's first k "
                                                       "layers); 0 = a fifth of the backbone's layers.")
     encoder_prompt_tokens: int = Field(8, ge=0, le=512, description="E, the encoder's own learned prompt.")
-    attention_dim: int = Field(128, ge=8, description="Width of the cross-attention.")
-    heads: int = Field(4, ge=1, description="Attention heads (attention_dim must divide by it).")
+    attention_dim: int = Field(128, ge=8, le=2048, description="Width of the cross-attention.")
+    heads: int = Field(4, ge=1, le=64, description="Attention heads (attention_dim must divide by it).")
     network_lr_scale: float = Field(0.1, gt=0, description="Training: the network's learning rate relative to "
                                                            "the prompt vectors'.")
     seed: int = 0
@@ -88,6 +88,10 @@ class IDPTModule(TaskModule):
 
     def pass_length(self, n: int) -> int:
         return n + max(self.config.num_virtual_tokens, self.config.encoder_prompt_tokens)
+
+    def probe_tokens(self, n: int) -> int:
+        """The encoder pass: [E | input] (counted as if it ran every layer)."""
+        return n + self.config.encoder_prompt_tokens
 
     def probe(self, ids: list[int]) -> Probe:
         prompt = self.encoder_prompt if self.config.encoder_prompt_tokens else None

@@ -12,7 +12,7 @@ Example::
 from __future__ import annotations
 
 import math
-import re
+from typing import Annotated
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,36 +20,27 @@ from torch import nn
 
 from modules.base import TaskModule
 from modules.batch import Contribution
+from modules.targets import Target, pattern_values, select_linears, slot
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MAX_RANK = 256
 
 
 class LoRAConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    targets: list[str] = Field(["q_proj", "v_proj"], min_length=1,
-                               description="Linear layers to adapt, by name (q_proj, k_proj, v_proj, o_proj, "
-                                           "gate_proj, up_proj, down_proj).")
-    r: int = Field(8, ge=1, le=256, description="Rank.")
+    targets: list[Target] = Field(["q_proj", "v_proj"], min_length=1,
+                                  description="Linear layers to adapt, by name (q_proj, k_proj, v_proj, o_proj, "
+                                              "gate_proj, up_proj, down_proj).")
+    r: int = Field(8, ge=1, le=MAX_RANK, description="Rank.")
     alpha: float = Field(16.0, gt=0, description="Scale numerator: s = alpha / r (alpha / sqrt(r) with rslora).")
     rslora: bool = False
     layers: list[int] | None = Field(None, description="Decoder layers to adapt; None = all.")
-    rank_pattern: dict[str, int] = Field(default_factory=dict,
-                                         description="Per-layer rank overrides: regex over the layer key -> r.")
-    alpha_pattern: dict[str, float] = Field(default_factory=dict,
-                                            description="Per-layer alpha overrides: regex over the layer key -> alpha.")
+    rank_pattern: dict[str, Annotated[int, Field(ge=1, le=MAX_RANK)]] = Field(
+        default_factory=dict, description="Per-layer rank overrides: regex over the layer key -> r "
+                                          "(see modules.targets.pattern_values).")
+    alpha_pattern: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="Per-layer alpha overrides: regex over the layer key -> alpha.")
     seed: int = 0
-
-
-def _override(pattern: dict, key: str, default):
-    for pat, value in pattern.items():
-        if re.search(rf"(^|\.){pat}$", key) or re.fullmatch(pat, key):
-            return value
-    return default
-
-
-def _slot(key: str) -> str:
-    return key.replace(".", "__")  # parameter names may not contain dots
 
 
 class LoRAModule(TaskModule):
@@ -58,24 +49,16 @@ class LoRAModule(TaskModule):
 
     def __init__(self, manifest, config: LoRAConfig, backbone):
         super().__init__(manifest, config, backbone)
-        unknown = set(config.targets) - set(TARGETS)
-        if unknown:
-            raise ValueError(f"unknown LoRA targets {sorted(unknown)}; known: {', '.join(TARGETS)}")
-        layers = set(config.layers) if config.layers is not None else None
+        keys = select_linears(backbone, config.targets, config.layers)
+        ranks = pattern_values(config.rank_pattern, keys, config.r)
+        alphas = pattern_values(config.alpha_pattern, keys, config.alpha)
         self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
         self.scale: dict[str, float] = {}
-        for key, (fan_in, fan_out) in backbone.linear_keys.items():
-            if key.rsplit(".", 1)[-1] not in config.targets:
-                continue
-            if layers is not None and int(key.split(".")[1]) not in layers:
-                continue
-            r = _override(config.rank_pattern, key, config.r)
-            alpha = _override(config.alpha_pattern, key, config.alpha)
-            self.A[_slot(key)] = nn.Parameter(torch.zeros(r, fan_in))     # (r, in)
-            self.B[_slot(key)] = nn.Parameter(torch.zeros(fan_out, r))    # (out, r)
+        for key, (fan_in, fan_out) in keys.items():
+            r, alpha = ranks[key], alphas[key]
+            self.A[slot(key)] = nn.Parameter(torch.zeros(r, fan_in))     # (r, in)
+            self.B[slot(key)] = nn.Parameter(torch.zeros(fan_out, r))    # (out, r)
             self.scale[key] = alpha / (math.sqrt(r) if config.rslora else r)
-        if not self.scale:
-            raise ValueError("the LoRA config selects no layer of this backbone")
         self.delta = _Delta(self)
 
     @torch.no_grad()
@@ -94,7 +77,7 @@ class LoRAModule(TaskModule):
         return {k.replace("__", "."): v for k, v in sd.items()}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return super().load_state_dict({k[:2] + _slot(k[2:]): v for k, v in state_dict.items()}, strict, assign)
+        return super().load_state_dict({k[:2] + slot(k[2:]): v for k, v in state_dict.items()}, strict, assign)
 
 
 class _Delta:
@@ -105,8 +88,8 @@ class _Delta:
         self.keys = frozenset(module.scale)
 
     def low_rank(self, key: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-        slot = _slot(key)
-        return self.module.A[slot], self.module.B[slot], self.module.scale[key]
+        s = slot(key)
+        return self.module.A[s], self.module.B[s], self.module.scale[key]
 
     def __call__(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         a, b, s = self.low_rank(key)

@@ -4,12 +4,13 @@ A zip of a PEFT adapter folder (`adapter_config.json` + `adapter_model.safetenso
 `lora`, `prompt` or `prefix` module with the same weights: LoRA (any targets, ranks, alpha,
 rsLoRA, rank/alpha patterns), prompt tuning, P-tuning (PEFT saves the prompt encoder's output) and
 prefix tuning (PEFT saves the projected keys and values). Pickle `adapter_model.bin` files are
-refused; so are adapters whose shapes do not fit this backbone.
+refused; so are adapters whose shapes do not fit this backbone, LoRA tensors whose rank is not
+the one `r` and `rank_pattern` give (as PEFT itself refuses them), and NaN or Infinity anywhere in
+`adapter_config.json`. Patterns are matched by `modules.targets.pattern_values` (time-bounded).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 
@@ -17,7 +18,8 @@ import torch
 
 from modules.artifact import ArtifactError
 from modules.backbone import Backbone
-from modules.base import BackboneMismatch, BackboneRef, Manifest, TaskModule, kind_class
+from modules.base import BackboneMismatch, BackboneRef, Manifest, TaskModule, kind_class, loads
+from modules.targets import pattern_values, select_linears
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -26,14 +28,6 @@ _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?(layers\.\d+\.[\w.
 
 def is_peft(files: dict[str, bytes]) -> bool:
     return CONFIG_FILE in files
-
-
-def _pattern_value(pattern: dict, key: str, default):
-    """PEFT's rule: a pattern matches a module name that ends with it (after a dot)."""
-    for pat, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({pat})$", f"model.{key}"):
-            return value
-    return default
 
 
 def _manifest(kind: str, config: dict, backbone: Backbone, cfg: dict) -> Manifest:
@@ -48,25 +42,32 @@ def _lora(cfg: dict, tensors: dict[str, torch.Tensor], backbone: Backbone) -> Ta
             raise ArtifactError(f"PEFT LoRA with {flag}={bad} is not supported")
     if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
         raise ArtifactError("PEFT LoRA with trained biases or modules_to_save is not supported")
-    A, B = {}, {}
+    A, B, names = {}, {}, {}
     for name, t in tensors.items():
         m = _LORA_KEY.match(name)
         if not m:
             raise ArtifactError(f"unexpected tensor {name!r} in a PEFT LoRA adapter")
         (A if m.group(2) == "A" else B)[m.group(1)] = t
+        names[m.group(1), m.group(2)] = name
     if not A or set(A) != set(B):
         raise ArtifactError("PEFT LoRA adapter needs a lora_A and a lora_B weight for every adapted layer")
     for key in A:
         if key not in backbone.linear_keys:
             raise BackboneMismatch(f"PEFT adapter adapts {key}, which this backbone ({backbone.name}) does not have")
         fan_in, fan_out = backbone.linear_keys[key]
-        r = A[key].shape[0]
-        if tuple(A[key].shape) != (r, fan_in) or tuple(B[key].shape) != (fan_out, r):
+        a, b = tuple(A[key].shape), tuple(B[key].shape)
+        if len(a) != 2 or len(b) != 2 or a[1] != fan_in or b[0] != fan_out:
             raise BackboneMismatch(
-                f"PEFT adapter layer {key} has shapes A{tuple(A[key].shape)} B{tuple(B[key].shape)}; this backbone "
-                f"({backbone.name}) needs A(r, {fan_in}) B({fan_out}, r): it was trained on another model")
-    ranks = {k: A[k].shape[0] for k in A}
-    alphas = {k: float(_pattern_value(cfg.get("alpha_pattern"), k, cfg.get("lora_alpha", 8))) for k in A}
+                f"PEFT adapter layer {key} has shapes A{a} B{b}; this backbone ({backbone.name}) needs "
+                f"A(r, {fan_in}) B({fan_out}, r): it was trained on another model")
+    ranks = _by_pattern(cfg, "rank_pattern", A, cfg.get("r", 8))
+    for key, r in ranks.items():
+        fan_in, fan_out = backbone.linear_keys[key]
+        for part, t, want in (("A", A[key], (r, fan_in)), ("B", B[key], (fan_out, r))):
+            if tuple(t.shape) != want:
+                raise ArtifactError(f"tensor {names[key, part]} has shape {tuple(t.shape)}, but {CONFIG_FILE} "
+                                    f"(r and rank_pattern) implies {want}")
+    alphas = _by_pattern(cfg, "alpha_pattern", A, cfg.get("lora_alpha", 8))
     r0 = Counter(ranks.values()).most_common(1)[0][0]
     a0 = Counter(alphas.values()).most_common(1)[0][0]
     layers = sorted({int(k.split(".")[1]) for k in A})
@@ -77,13 +78,21 @@ def _lora(cfg: dict, tensors: dict[str, torch.Tensor], backbone: Backbone) -> Ta
         "rank_pattern": {re.escape(k): r for k, r in ranks.items() if r != r0},
         "alpha_pattern": {re.escape(k): a for k, a in alphas.items() if a != a0},
     }
-    cls = kind_class("lora")
-    module = cls(_manifest("lora", config, backbone, cfg), cls.Config(**config), backbone)
-    if set(module.scale) != set(A):  # targets x layers may cover layers the adapter skipped
+    if set(select_linears(backbone, config["targets"], config["layers"])) != set(A):
         raise ArtifactError("PEFT LoRA adapter adapts an irregular set of layers that cannot be expressed "
                             f"as targets x layers: {sorted(A)[:6]}...")
     native = {f"lora.A.{k}": A[k] for k in A} | {f"lora.B.{k}": B[k] for k in B}
-    return cls.from_tensors(module.manifest, native, backbone)
+    return kind_class("lora").from_tensors(_manifest("lora", config, backbone, cfg), native, backbone)
+
+
+def _by_pattern(cfg: dict, field: str, keys, default) -> dict:
+    """`cfg[field]` (PEFT's rank_pattern or alpha_pattern) applied to each adapted layer."""
+    patterns = cfg.get(field) or {}
+    if not isinstance(patterns, dict):
+        raise ArtifactError(f"{CONFIG_FILE}: {field} must be an object, got {type(patterns).__name__}")
+    # PEFT matches the causal LM's inner module names: "model.layers.0.self_attn.q_proj"
+    named = pattern_values(patterns, [f"model.{k}" for k in keys], default)
+    return {k: named[f"model.{k}"] for k in keys}
 
 
 def _prompt(cfg: dict, tensors: dict[str, torch.Tensor], backbone: Backbone) -> TaskModule:
@@ -126,9 +135,11 @@ def load_peft(files: dict[str, bytes], backbone: Backbone) -> TaskModule:
     from safetensors.torch import load
 
     try:
-        cfg = json.loads(files[CONFIG_FILE])
+        cfg = loads(files[CONFIG_FILE])
     except ValueError as e:
         raise ArtifactError(f"{CONFIG_FILE} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ArtifactError(f"{CONFIG_FILE} must hold a JSON object")
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type not in _CONVERTERS:
         raise ArtifactError(f"PEFT adapter type {peft_type or '?'} is not supported; "
@@ -142,4 +153,9 @@ def load_peft(files: dict[str, bytes], backbone: Backbone) -> TaskModule:
         tensors = load(files[WEIGHTS_FILE])
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise ArtifactError(f"{WEIGHTS_FILE} is not a valid safetensors file: {e}") from e
-    return _CONVERTERS[peft_type](cfg, tensors, backbone)
+    try:
+        return _CONVERTERS[peft_type](cfg, tensors, backbone)
+    except ArtifactError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # a config value of the wrong type
+        raise ArtifactError(f"invalid PEFT {peft_type} adapter: {e}") from e

@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from modules.artifact import ArtifactError
 from modules.base import TaskModule
 from modules.batch import Contribution
 
@@ -24,7 +25,7 @@ class PrefixConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     num_virtual_tokens: int = Field(10, ge=1, le=512, description="P, the prefix length in every layer.")
-    reparam_hidden: int | None = Field(None, ge=1, le=8192,
+    reparam_hidden: int | None = Field(None, ge=1, le=4096,
                                        description="Training only: hidden size of the MLP that writes the "
                                                    "prefix (folded away in the artifact). None = learn it directly.")
     seed: int = 0
@@ -63,6 +64,14 @@ class PrefixModule(TaskModule):
             self.keys[layer] = cache.layers[layer].keys[0].float()                       # (kvh, P, hd)
             self.values[layer] = cache.layers[layer].values[0].float()
 
+    @classmethod
+    def check(cls, manifest, shapes, backbone):
+        """An artifact holds the folded keys and values: its config has no reparameterization."""
+        if manifest.config.get("reparam_hidden") is not None:
+            raise ArtifactError("a prefix artifact holds its keys and values: reparam_hidden must be null "
+                                "(it is a training-only setting)")
+        return super().check(manifest, shapes, backbone)
+
     def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The prefix keys and values. 2 x (N, kvh, P, hd)"""
         if not self.config.reparam_hidden:
@@ -78,10 +87,10 @@ class PrefixModule(TaskModule):
     def contribution(self, ids: list[int]) -> Contribution:
         return Contribution(prefix=self.kv())
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self, device: str = "cpu") -> dict[str, torch.Tensor]:
         keys, values = self.kv()
-        return {"prefix.keys": keys.detach().to("cpu", torch.float32).contiguous(),
-                "prefix.values": values.detach().to("cpu", torch.float32).contiguous()}
+        return {"prefix.keys": keys.detach().to(device, torch.float32).contiguous(),
+                "prefix.values": values.detach().to(device, torch.float32).contiguous()}
 
     def artifact_config(self) -> dict:
         """The artifact holds the folded keys and values only (no reparameterization MLP)."""

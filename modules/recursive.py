@@ -41,7 +41,7 @@ class RecursiveConfig(BaseModel):
     pass1_prompt_tokens: int = Field(0, ge=0, le=512, description="Soft prompt of pass 1 (0 = none).")
     pass2_prompt_tokens: int = Field(8, ge=0, le=512, description="Soft prompt of pass 2 (0 = none).")
     connector: Literal["mlp", "transformer"] = Field("mlp", description="Neural mode: the connector network.")
-    connector_dim: int = Field(256, ge=8, description="Neural mode: the connector's inner width.")
+    connector_dim: int = Field(256, ge=8, le=2048, description="Neural mode: the connector's inner width.")
     feed: Literal["replace", "prepend"] = Field(
         "replace", description="Neural mode: pass 2 reads the connector output alone, or in front of the input.")
     candidates: int = Field(3, ge=1, le=16, description="Textual mode: answers sampled in pass 1.")
@@ -49,7 +49,7 @@ class RecursiveConfig(BaseModel):
     temperature: float = Field(0.7, ge=0.0, description="Textual mode: sampling temperature of pass 1.")
     network_lr_scale: float = Field(0.1, gt=0, description="Training: the network's learning rate relative to "
                                                            "the prompt vectors'.")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**62, description="Seeds initialisation, and textual mode's sampling.")
 
 
 class RecursiveModule(TaskModule):
@@ -93,6 +93,12 @@ class RecursiveModule(TaskModule):
         if c.mode == "textual":
             return max(first, n + c.pass2_prompt_tokens + c.candidates * (c.candidate_tokens + 2) + 8)
         return max(first, c.pass2_prompt_tokens + n + (n if c.feed == "prepend" else 0))
+
+    def probe_tokens(self, n: int) -> int:
+        """Pass 1 over [P1 | input]; textual mode samples `candidates` continuations of it."""
+        c = self.config
+        first = n + c.pass1_prompt_tokens
+        return c.candidates * (first + c.candidate_tokens) if c.mode == "textual" else first
 
     def probe(self, ids: list[int]) -> Probe:
         row = Row(ids, Contribution(prepend=self.prompt1 if self.config.pass1_prompt_tokens else None))

@@ -63,7 +63,7 @@ class RRRConfig(BaseModel):
     retrieval: Literal["bm25", "dense", "hybrid"] = Field("bm25", description="How candidates are retrieved.")
     candidates: int = Field(8, ge=1, le=64, description="Documents retrieved per question (and reranked).")
     rerank: bool = Field(True, description="Rerank the candidates (false: pack them in retrieval order).")
-    reranker_depth: int = Field(0, ge=0, description="Layers of the backbone in the joint encoding; "
+    reranker_depth: int = Field(0, ge=0, le=256, description="Layers of the backbone in the joint encoding; "
                                                      "0 = a third of the backbone's layers.")
     pool: Literal["question", "last", "mean"] = Field(
         "question", description="Reranker: the mean state over the positions after the passage (the question, "
@@ -197,6 +197,12 @@ class RRRModule(TaskModule):
         reader = c.reader_prompt_tokens + self._overhead(c.reader_template) + c.context_tokens + n
         reranker = self._overhead(c.rerank_template) + c.rerank_passage_tokens + n if c.rerank else 0
         return max(reader, reranker)
+
+    def probe_tokens(self, n: int) -> int:
+        """Every reranker row: `candidates` of [template | passage cut | question]. (The reader
+        row is the request's own row, counted by `pass_length`.)"""
+        c = self.config
+        return c.candidates * (self._overhead(c.rerank_template) + c.rerank_passage_tokens + n) if c.rerank else 0
 
     # --- the steps ---------------------------------------------------------------------------
 

@@ -135,10 +135,10 @@ class SparseModule(SlotKeys, TaskModule):
 
     # --- serialisation: indices stay integers -------------------------------------------------
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = super().tensors()  # every tensor as float32; put the indices back as int64
+    def tensors(self, device: str = "cpu") -> dict[str, torch.Tensor]:
+        out = super().tensors(device)  # every tensor as float32; put the indices back as int64
         for key in self.shapes:
-            out[f"{self.kind}.indices.{key}"] = self.indices.get_buffer(slot(key)).to("cpu", torch.int64).contiguous()
+            out[f"{self.kind}.indices.{key}"] = self.indices.get_buffer(slot(key)).to(device, torch.int64).contiguous()
         return out
 
     @classmethod

@@ -9,15 +9,48 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from typing import Literal
 
+import regex
 import torch
 
 from modules.artifact import ArtifactError
 
 Target = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS: tuple[str, ...] = Target.__args__
+
+
+PATTERN_SECONDS = 0.5  # the most time one module's layer patterns may take to match, all keys together
+MAX_PATTERNS, MAX_PATTERN_LENGTH = 256, 256
+_NOT_A_REPEAT = regex.compile(r"\{(?!\d*(?:,\d*)?\})")  # e.g. `regex`'s fuzzy matching, "(?:x){e<=3}"
+
+
+def pattern_values(patterns: dict[str, object], keys: Iterable[str], default) -> dict[str, object]:
+    """PEFT's rank/alpha pattern rule: each key gets the value of the first pattern matching the
+    end of the key (whole or after a dot), else `default`.
+
+    The patterns are uploaded, so: at most MAX_PATTERNS of at most MAX_PATTERN_LENGTH characters;
+    braces for repeat counts only (`regex`'s fuzzy matching, which PEFT's Python patterns do not
+    have, grows its memory while it backtracks); run by `regex` with a deadline shared by all keys,
+    so a pattern that backtracks without end is an ArtifactError (422), never a stalled server."""
+    if len(patterns) > MAX_PATTERNS or any(len(p) > MAX_PATTERN_LENGTH for p in patterns):
+        raise ArtifactError(f"at most {MAX_PATTERNS} layer patterns of at most {MAX_PATTERN_LENGTH} characters")
+    bad = [p for p in patterns if _NOT_A_REPEAT.search(p)]
+    if bad:
+        raise ArtifactError(f"invalid layer pattern {bad[0]!r}: braces are for repeat counts {{m,n}} only")
+    deadline = time.monotonic() + PATTERN_SECONDS
+    try:
+        compiled = [(regex.compile(rf"(?:.*\.)?(?:{p})$"), v) for p, v in patterns.items()]
+        return {key: next((v for c, v in compiled if c.match(key, timeout=max(deadline - time.monotonic(), 1e-6))),
+                          default)
+                for key in keys}
+    except regex.error as e:
+        raise ArtifactError(f"invalid layer pattern: {e}") from e
+    except TimeoutError as e:
+        raise ArtifactError(f"layer patterns {sorted(patterns)} take more than {PATTERN_SECONDS} s to match "
+                            f"this backbone's layer names") from e
 
 
 def slot(key: str) -> str:
