@@ -21,10 +21,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from modules.artifact import ArtifactError
 from modules.base import TaskModule
 from modules.batch import Contribution
-from modules.targets import SlotKeys, slot
+from modules.targets import SlotKeys, select_norms, slot
 
 NormTarget = Literal["input_layernorm", "post_attention_layernorm", "norm"]
 
@@ -38,14 +37,6 @@ class LayerNormConfig(BaseModel):
                                                   "post_attention_layernorm, and the final norm.")
     layers: list[int] | None = Field(None, description="Decoder layers to adapt; None = all (the final norm "
                                                        "is not in a layer and is kept whenever it is a target).")
-
-
-def select_norms(backbone, targets, layers: list[int] | None) -> dict:
-    chosen = {key: info for key, info in backbone.norm_keys.items()
-              if key.rsplit(".", 1)[-1] in targets and (key == "norm" or layers is None or int(key.split(".")[1]) in layers)}
-    if not chosen:
-        raise ArtifactError(f"targets {sorted(targets)} in layers {layers} select no normalization layer of this backbone")
-    return chosen
 
 
 class LayerNormModule(SlotKeys, TaskModule):

@@ -66,11 +66,23 @@ def select_linears(backbone, targets, layers: list[int] | None) -> dict[str, tup
     """The hooked linear layers named by `targets` (last key part) in `layers` (None = all):
     {key: (in_features, out_features)}, in the backbone's order. Raises ArtifactError (a
     ValueError; 422 on upload) if none is selected."""
-    chosen = {key: shape for key, shape in backbone.linear_keys.items()
-              if key.rsplit(".", 1)[-1] in targets and (layers is None or layer_of(key) in layers)}
+    return _select(backbone.linear_keys, targets, layers, "linear")
+
+
+def _select(keys: dict, targets, layers: list[int] | None, what: str) -> dict:
+    """The entries of `keys` (hooked layers of the backbone) named by `targets` in `layers`; a key
+    outside the decoder layers (the final norm) is kept whenever it is a target."""
+    wanted = None if layers is None else set(layers)  # a set: a long uploaded list costs no more
+    chosen = {key: v for key, v in keys.items() if key.rsplit(".", 1)[-1] in targets
+              and (wanted is None or not key.startswith("layers.") or layer_of(key) in wanted)}
     if not chosen:
-        raise ArtifactError(f"targets {sorted(targets)} in layers {layers} select no linear layer of this backbone")
+        raise ArtifactError(f"targets {sorted(targets)} in layers {layers} select no {what} layer of this backbone")
     return chosen
+
+
+def select_norms(backbone, targets, layers: list[int] | None) -> dict:
+    """The hooked normalization layers named by `targets` in `layers` (None = all), as select_linears."""
+    return _select(backbone.norm_keys, targets, layers, "normalization")
 
 
 class SlotKeys:
