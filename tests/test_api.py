@@ -331,3 +331,11 @@ def test_a_corrupt_artifact_on_disk_marks_only_its_task_unavailable(tmp_path, ti
         # a new upload replaces the broken version
         assert c.put("/tasks/bad", content=_artifact(tiny, LABELS)).status_code == 201
         assert c.post("/tasks/bad/infer", json={"inputs": "x"}).status_code == 200
+
+
+def test_empty_env_values_mean_unset(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no .env here
+    monkeypatch.setenv("FROZENLM_API_KEYS_FILE", "")
+    monkeypatch.setenv("FROZENLM_PINNED", "")
+    s = Settings()
+    assert s.api_keys_file is None and s.pinned == []
