@@ -291,7 +291,7 @@ class Runtime:
         in its depth, 429 when it is full)."""
         self._require_ready()
         if method == "bm25":  # no backbone pass
-            return await run_in_threadpool(lambda: self.documents.view(name).search(query, k, method))
+            return await run_in_threadpool(self.documents.search, name, query, k, method)
         job = await run_in_threadpool(self._search_job, name, query, k, method)
         [hits] = await self._run([job])
         return hits
