@@ -227,12 +227,17 @@ class Runtime:
             jobs.append(Job(module, ids, sampling, cost + module.probe_tokens(len(ids)), on_text=on_text))
         return jobs
 
-    async def _run(self, jobs: list[Job], disconnected=None) -> list:
-        """Queue the jobs and wait for them, up to the request deadline (504). A client that goes
-        away (`disconnected()` turns true, or this coroutine is cancelled) cancels its jobs: queued
-        ones never run, running rows stop at the next decode step."""
+    def _run(self, jobs: list[Job], disconnected=None):
+        """Queue the jobs now (413 or 429 raise here, before a stream starts) and return the
+        awaitable of their results (see `_wait`)."""
         self.scheduler.submit(jobs)
         metrics.QUEUE_DEPTH.set(self.scheduler.depth)
+        return self._wait(jobs, disconnected)
+
+    async def _wait(self, jobs: list[Job], disconnected=None) -> list:
+        """Wait for the queued jobs, up to the request deadline (504). A client that goes away
+        (`disconnected()` turns true, or this coroutine is cancelled) cancels its jobs: queued ones
+        never run, running rows stop at the next decode step."""
         waiting = asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs))
         deadline = time.monotonic() + self.settings.request_timeout_s
         try:

@@ -297,7 +297,8 @@ def test_a_request_that_can_never_fit_is_413_not_429(tmp_path, tiny):
     settings = Settings(store_dir=tmp_path, examples=False, max_queue=2, max_batch_tokens=40, _env_file=None)
     with TestClient(create_app(settings, backbone=tiny, wait_ready=True)) as c:
         for body in ({"inputs": ["a", "b", "c"]},  # more rows than the queue holds
-                     {"inputs": "a", "parameters": {"max_new_tokens": 32}}):  # over a batch's token budget
+                     {"inputs": "a", "parameters": {"max_new_tokens": 32}},  # over a batch's token budget
+                     {"inputs": "a", "parameters": {"max_new_tokens": 32}, "stream": True}):  # before any event
             r = c.post("/tasks/base/infer", json=body)
             assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
         assert c.post("/tasks/base/infer", json={"inputs": ["a", "b"], "parameters": {"max_new_tokens": 2}}).status_code == 200
