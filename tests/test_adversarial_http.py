@@ -149,6 +149,14 @@ def test_idle_and_slow_header_connections_are_closed(srv):
     _refused_unchanged(srv, attack)
 
 
+def test_headers_over_the_cap_are_400(srv):
+    def attack():
+        sock = _raw(srv, "GET /readyz HTTP/1.1\r\nHost: x\r\nX-Big: " + "a" * (66 * 1024))  # never ends
+        assert _status(_answer(sock)) == 400
+
+    assert _refused_unchanged(srv, attack) < 100
+
+
 def test_connections_past_the_limit_are_refused_not_piled_up(srv):
     def attack():
         held = [_raw(srv, "") for _ in range(MAX_CONNECTIONS)]
