@@ -1,5 +1,6 @@
 """create_app(settings): the FastAPI app. The backbone loads in a background thread at start-up,
-so /healthz answers at once and /readyz turns 200 when the model is ready."""
+so /healthz answers at once and /readyz turns 200 when the model is ready. `run` serves it with
+uvicorn, bounding connections, headers and idle time."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
+import h11
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service import errors, logs
 from service.api import documents, health, infer, openai, tasks
 from service.config import Settings
 from service.runtime import Runtime
+from service.security import BodyGate
 
 log = logging.getLogger("frozenlm")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -42,6 +46,7 @@ def create_app(settings: Settings | None = None, *, backbone=None, wait_ready: b
                   description="One frozen language model, many small task modules applied per request.")
     app.state.runtime = runtime
     errors.install(app)
+    app.add_middleware(BodyGate, settings=settings)
     logs.install(app)
     for router in (health.router, tasks.router, documents.router, infer.router, openai.router):
         app.include_router(router)
@@ -66,4 +71,40 @@ def run(host: str | None = None, port: int | None = None) -> None:
             settings.host = "127.0.0.1"
         log.warning("no API key is configured: anyone who can reach %s may upload and delete tasks", settings.host)
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=int(settings.request_timeout_s))
+                timeout_graceful_shutdown=int(settings.request_timeout_s),
+                http=_protocol(settings.header_timeout_s), limit_concurrency=settings.max_connections,
+                timeout_keep_alive=max(1, int(settings.header_timeout_s)),
+                h11_max_incomplete_event_size=settings.max_header_bytes)
+
+
+def _protocol(header_timeout_s: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing a connection that has not sent a whole request's headers
+    within `header_timeout_s` of opening or of its previous response (uvicorn alone waits forever
+    for a connection that sends nothing, or a byte at a time)."""
+
+    class Protocol(H11Protocol):
+        _timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_later(header_timeout_s, self._expire)
+
+        def _expire(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol

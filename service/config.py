@@ -13,7 +13,8 @@ EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples" / "tasks"
 class Settings(BaseSettings):
     """Every setting of the server. Example: `FROZENLM_PORT=9000 frozenlm serve`."""
 
-    model_config = SettingsConfigDict(env_prefix="FROZENLM_", env_file=".env", extra="ignore")
+    # an empty variable (FROZENLM_PINNED=) means unset: the default
+    model_config = SettingsConfigDict(env_prefix="FROZENLM_", env_file=".env", extra="ignore", env_ignore_empty=True)
 
     backbone: str = Field("", description="HF folder, hub id or GGUF path; empty = the embedded SmolLM2 default.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N.")
@@ -30,6 +31,15 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="Bind port.")
 
     max_upload_bytes: int = Field(64 * 1024 * 1024, description="Largest artifact accepted (413 above).")
+    max_body_bytes: int = Field(1024 * 1024, description="Largest JSON request body (413 above; uploads have "
+                                                          "max_upload_bytes).")
+    body_timeout_s: float = Field(60.0, gt=0, description="Time a client has to send a request's whole body "
+                                                         "(408 and the connection closed past it).")
+    header_timeout_s: float = Field(10.0, gt=0, description="Time a connection has to send a request's headers, "
+                                                           "from when it opens or its last response ends "
+                                                           "(closed past it).")
+    max_header_bytes: int = Field(64 * 1024, description="Largest request line and headers (400 above).")
+    max_connections: int = Field(256, ge=1, description="Open connections at most; a request past it gets 503.")
     max_input_tokens: int = Field(2048, description="Longest rendered input accepted (413 above).")
     max_new_tokens: int = Field(1024, description="Largest max_new_tokens a request may ask for (422 above).")
     max_batch_size: int = Field(32, description="Most rows in one backbone batch.")

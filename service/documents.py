@@ -116,8 +116,9 @@ class _Snapshot:
 @dataclass(frozen=True)
 class TaskDocuments:
     """One generation of a task's documents, as a module reads them (`module.documents`, see
-    TaskModule.reads_documents). Its searches run on the engine thread, which holds the backbone
-    lock already: embedding a query (dense, hybrid) does not take it again."""
+    TaskModule.reads_documents) and as a search queued by the endpoint does. Its searches run on the
+    engine thread, which holds the backbone lock already: embedding a query (dense, hybrid) does not
+    take it again."""
 
     snapshot: _Snapshot
 
@@ -291,7 +292,7 @@ class DocumentStore:
         return doc
 
     def view(self, task: str) -> TaskDocuments:
-        """The task's current documents, for a module to search from the engine thread."""
+        """The task's current documents, for a module or a queued search to search from the engine thread."""
         return TaskDocuments(self._current(task))
 
     def search(self, task: str, query: str, k: int = 10, method: str = "hybrid") -> list[tuple[Document, float]]:

@@ -68,7 +68,10 @@ class Engine:
             _fix_seed(j)
             if j.on_text is not None:
                 j.on_text = _Once(j.on_text)
-        results = self._isolated(jobs)
+        rows = [j for j in jobs if j.work is None]
+        done = dict(zip(rows, self._isolated(rows))) if rows else {}
+        done.update((j, self._own_pass(j)) for j in jobs if j.work is not None)
+        results = [done[j] for j in jobs]
         end = time.monotonic()
         for j, r in zip(jobs, results):
             j.finished = end
@@ -80,6 +83,15 @@ class Engine:
             done = [(j, r) for j, r in zip(jobs, results) if not isinstance(r, BaseException)]
             if done:
                 self.on_batch(*map(list, zip(*done)), end - start)
+
+    def _own_pass(self, job: Job):
+        """A job's own backbone pass (`job.work`): its result or its exception."""
+        try:
+            with self.lock, torch.inference_mode():
+                return job.work()
+        except Exception as e:  # noqa: BLE001 - its request hears about it
+            log.exception("a backbone pass of its own failed")
+            return e
 
     def _isolated(self, jobs: list[Job]) -> list:
         """Each job's result or its own exception. A module that fails on its own row fails that row
@@ -105,10 +117,12 @@ class Engine:
                 results[i] = r.error
         ok = [i for i in range(len(jobs)) if results[i] is None]
         scoring = [i for i in ok if jobs[i].sampling is None]
-        if scoring:
-            items = [ScoreItem(rows[i].ids, rows[i].contribution, jobs[i].module.label_ids) for i in scoring]
-            for i, ll in zip(scoring, score(self.backbone, items)):
-                results[i] = _scored(jobs[i].module, ll)
+        one_pass = [i for i in scoring if one_token_labels(jobs[i].module)]
+        for group in (one_pass, [i for i in scoring if i not in one_pass]):  # as label_cost counts them
+            if group:
+                items = [ScoreItem(rows[i].ids, rows[i].contribution, jobs[i].module.label_ids) for i in group]
+                for i, ll in zip(group, score(self.backbone, items)):
+                    results[i] = _scored(jobs[i].module, ll)
         gen = [i for i in ok if jobs[i].sampling is not None]
         if gen:
             items = [GenItem(rows[i].ids, rows[i].contribution, jobs[i].sampling,
@@ -117,6 +131,19 @@ class Engine:
             for i, g in zip(gen, generate(self.backbone, items)):
                 results[i] = g if g.error is None else g.error
         return results
+
+
+def one_token_labels(module) -> bool:
+    return all(len(c) == 1 for c in module.label_ids)
+
+
+def label_cost(module, length: int) -> int:
+    """Tokens a classification row of pass length `length` puts through the backbone: one row when
+    every label is one token (read the next-token distribution), else one row per label with the
+    label appended (decode.score)."""
+    if one_token_labels(module):
+        return length
+    return sum(length + len(c) for c in module.label_ids)
 
 
 def _scored(module, ll: torch.Tensor) -> Scored | RowError:

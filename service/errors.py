@@ -80,10 +80,22 @@ def _body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
 
 
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 408: "body_timeout", 413: "body_too_large"}
+
+
+def response(e: ServiceError | StarletteHTTPException) -> JSONResponse:
+    """The error body and status of a domain error or an HTTP exception."""
+    if isinstance(e, ServiceError):
+        return JSONResponse(_body(e.code, e.message), status_code=e.status, headers=e.headers)
+    code = HTTP_CODES.get(e.status_code, "http_error")
+    return JSONResponse(_body(code, str(e.detail)), status_code=e.status_code, headers=e.headers)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
-    async def _service(_: Request, e: ServiceError):
-        return JSONResponse(_body(e.code, e.message), status_code=e.status, headers=e.headers)
+    @app.exception_handler(StarletteHTTPException)
+    async def _known(_: Request, e: ServiceError | StarletteHTTPException):
+        return response(e)
 
     @app.exception_handler(ValidationError)  # a model built inside a route from request fields
     @app.exception_handler(RequestValidationError)
@@ -93,11 +105,6 @@ def install(app: FastAPI) -> None:
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
             parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
         return JSONResponse(_body("invalid_request", "; ".join(parts)[:2000]), status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return JSONResponse(_body(code, str(e.detail)), status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):

@@ -199,6 +199,7 @@ class Runtime:
     def _jobs(self, module, inputs: list, p: InferParameters, on_text=None) -> list[Job]:
         """Tokenize and check limits (runs in the thread pool)."""
         from modules.decode import Sampling
+        from service.engine import label_cost
 
         s, gen = self.settings, module.manifest.generation
         if p.max_new_tokens is not None and p.max_new_tokens > s.max_new_tokens:
@@ -213,7 +214,7 @@ class Runtime:
                 raise TooLarge(f"input is {len(ids)} tokens and makes a pass of {length}; "
                                f"the limit is {s.max_input_tokens}", code="input_too_long")
             if module.manifest.labels:
-                sampling, cost = None, length + sum(len(c) for c in module.label_ids)
+                sampling, cost = None, label_cost(module, length)
             else:
                 sampling = Sampling(
                     max_new_tokens=max_new,
@@ -223,15 +224,20 @@ class Runtime:
                     seed=p.seed,
                     stop=p.stop if p.stop is not None else gen.stop)
                 cost = length + max_new
-            jobs.append(Job(module, ids, sampling, cost, on_text=on_text))
+            jobs.append(Job(module, ids, sampling, cost + module.probe_tokens(len(ids)), on_text=on_text))
         return jobs
 
-    async def _run(self, jobs: list[Job], disconnected=None) -> list:
-        """Queue the jobs and wait for them, up to the request deadline (504). A client that goes
-        away (`disconnected()` turns true, or this coroutine is cancelled) cancels its jobs: queued
-        ones never run, running rows stop at the next decode step."""
+    def _run(self, jobs: list[Job], disconnected=None):
+        """Queue the jobs now (413 or 429 raise here, before a stream starts) and return the
+        awaitable of their results (see `_wait`)."""
         self.scheduler.submit(jobs)
         metrics.QUEUE_DEPTH.set(self.scheduler.depth)
+        return self._wait(jobs, disconnected)
+
+    async def _wait(self, jobs: list[Job], disconnected=None) -> list:
+        """Wait for the queued jobs, up to the request deadline (504). A client that goes away
+        (`disconnected()` turns true, or this coroutine is cancelled) cancels its jobs: queued ones
+        never run, running rows stop at the next decode step."""
         waiting = asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs))
         deadline = time.monotonic() + self.settings.request_timeout_s
         try:
@@ -278,6 +284,22 @@ class Runtime:
             jobs = await run_in_threadpool(self._jobs, resolved.module, inputs, params)
             results = await self._run(jobs, disconnected)
         return self._response(resolved, jobs, results, t0)
+
+    def _search_job(self, name: str, query: str, k: int, method: str) -> Job:
+        view = self.documents.view(name)
+        tokens = min(len(self.backbone.tokenizer(query)["input_ids"]), self.documents.max_tokens)
+        return Job(None, [], None, tokens, work=lambda: view.search(query, k, method))
+
+    async def search(self, name: str, query: str, k: int, method: str) -> list:
+        """The task's best k documents for the query, [(Document, score)]. A dense or hybrid search
+        embeds the query with the backbone: that pass is a job in the queue like any other (counted
+        in its depth, 429 when it is full)."""
+        self._require_ready()
+        if method == "bm25":  # no backbone pass
+            return await run_in_threadpool(self.documents.search, name, query, k, method)
+        job = await run_in_threadpool(self._search_job, name, query, k, method)
+        [hits] = await self._run([job])
+        return hits
 
     async def stream(self, name: str, one_input, params: InferParameters) -> AsyncIterator[tuple[str, object]]:
         """Run a task on one input, streaming: ("text", piece) per new piece, then ("done", response)

@@ -12,19 +12,21 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from service.errors import Overloaded, Unavailable
+from service.errors import Overloaded, TooLarge, Unavailable
 
 
 @dataclass(eq=False)
 class Job:
-    """One row of work: a module, its token ids, and either sampling settings or label scoring."""
+    """One row of work: a module, its token ids, and either sampling settings or label scoring;
+    or a backbone pass of its own (`work`, a dense document search), run on the engine thread."""
 
     module: object               # modules.base.TaskModule (kept untyped: no torch import here)
     ids: list[int]
     sampling: object | None      # modules.decode.Sampling; None = score the module's labels
-    cost: int                    # tokens this job may occupy in a batch
+    cost: int                    # tokens this job puts through the backbone (its share of a batch's budget)
     task: str = ""               # the task's name (metrics)
     on_text: object | None = None
+    work: object | None = None   # callable run with the backbone lock held, in place of a row
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     started: float = 0.0
@@ -49,6 +51,9 @@ class Scheduler:
         return len(self._q)
 
     def submit(self, jobs: list[Job]) -> None:
+        """Queue the jobs; 413 for jobs that could never fit (`check_fits`), 429 while the queue has
+        no room for them."""
+        self.check_fits(jobs)
         with self._cond:
             if self._closed:
                 raise Unavailable("server is shutting down", code="shutting_down")
@@ -57,6 +62,17 @@ class Scheduler:
                                  code="queue_full", headers={"Retry-After": "1"})
             self._q.extend(jobs)
             self._cond.notify()
+
+    def check_fits(self, jobs: list[Job]) -> None:
+        """413 for a request that no wait would let in: more rows than the queue holds, or a row
+        over the batch's token budget."""
+        if len(jobs) > self.max_queue:
+            raise TooLarge(f"{len(jobs)} rows are more than the queue holds ({self.max_queue})",
+                           code="request_too_large")
+        cost = max(j.cost for j in jobs)
+        if cost > self.max_batch_tokens:
+            raise TooLarge(f"a row needs {cost} tokens of backbone work; a batch holds {self.max_batch_tokens}",
+                           code="request_too_large")
 
     def next_batch(self, timeout: float = 0.5, rows: int | None = None, fits=None) -> list[Job]:
         """The oldest jobs, FIFO, up to `rows` (at most max_batch_size); [] on timeout or close.

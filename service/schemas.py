@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
+
+MAX_INPUTS = 64  # texts in one request, on every API
+
+
+def _utf8(v: str) -> str:
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it holds a lone surrogate, such as \\ud800)") from None
+    return v
+
+
+def _count(v: str | list[str]) -> str | list[str]:
+    if isinstance(v, list) and not 1 <= len(v) <= MAX_INPUTS:
+        raise ValueError(f"a list must hold 1 to {MAX_INPUTS} texts")
+    return v
+
+
+Text = Annotated[str, AfterValidator(_utf8)]  # any text a request carries: encodable as UTF-8
+Inputs = Annotated[Text | list[Text], AfterValidator(_count)]  # one text, or 1 to MAX_INPUTS of them
 
 
 class _Strict(BaseModel):
@@ -18,7 +39,7 @@ class InferParameters(_Strict):
     temperature: float | None = Field(None, ge=0.0, le=10.0, description="0 means greedy.")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, le=100000, description="0 means no top-k filtering.")
-    stop: list[str] | None = Field(None, max_length=16, description="Stop strings (not included in the text).")
+    stop: list[Text] | None = Field(None, max_length=16, description="Stop strings (not included in the text).")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling; same seed, same text.")
 
     @field_validator("stop")
@@ -30,16 +51,9 @@ class InferParameters(_Strict):
 
 
 class InferRequest(_Strict):
-    inputs: str | list[str] = Field(description="One text, or a list of texts (max 64).")
+    inputs: Inputs = Field(description=f"One text, or a list of texts (max {MAX_INPUTS}).")
     parameters: InferParameters = Field(default_factory=InferParameters)
     stream: bool = Field(False, description="Answer with server-sent events, one per new piece of text.")
-
-    @field_validator("inputs")
-    @classmethod
-    def _inputs(cls, v):
-        if isinstance(v, list) and not 1 <= len(v) <= 64:
-            raise ValueError("inputs must hold 1 to 64 texts")
-        return v
 
 
 class Passage(BaseModel):

@@ -280,12 +280,27 @@ def test_request_id_is_echoed(app_client):
     assert app_client.get("/healthz", headers={"X-Request-ID": "bad id\n!"}).headers["x-request-id"] != "bad id\n!"
 
 
-def test_full_queue_answers_429_with_retry_after(tmp_path, tiny):
+def test_full_queue_answers_429_with_retry_after(tmp_path, tiny, monkeypatch):
+    from service.engine import Engine
+    from service.scheduler import Job
+
+    monkeypatch.setattr(Engine, "_loop", lambda self: None)  # nothing leaves the queue
     settings = Settings(store_dir=tmp_path, examples=False, max_queue=2, _env_file=None)
     with TestClient(create_app(settings, backbone=tiny, wait_ready=True)) as c:
-        r = c.post("/tasks/base/infer", json={"inputs": ["a", "b", "c"]})
+        c.app.state.runtime.scheduler.submit([Job(None, [], None, 1) for _ in range(2)])
+        r = c.post("/tasks/base/infer", json={"inputs": "a"})
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "queue_full"
+
+
+def test_a_request_that_can_never_fit_is_413_not_429(tmp_path, tiny):
+    settings = Settings(store_dir=tmp_path, examples=False, max_queue=2, max_batch_tokens=40, _env_file=None)
+    with TestClient(create_app(settings, backbone=tiny, wait_ready=True)) as c:
+        for body in ({"inputs": ["a", "b", "c"]},  # more rows than the queue holds
+                     {"inputs": "a", "parameters": {"max_new_tokens": 32}},  # over a batch's token budget
+                     {"inputs": "a", "parameters": {"max_new_tokens": 32}, "stream": True}):  # before any event
+            r = c.post("/tasks/base/infer", json=body)
+            assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
         assert c.post("/tasks/base/infer", json={"inputs": ["a", "b"], "parameters": {"max_new_tokens": 2}}).status_code == 200
 
 
@@ -331,3 +346,11 @@ def test_a_corrupt_artifact_on_disk_marks_only_its_task_unavailable(tmp_path, ti
         # a new upload replaces the broken version
         assert c.put("/tasks/bad", content=_artifact(tiny, LABELS)).status_code == 201
         assert c.post("/tasks/bad/infer", json={"inputs": "x"}).status_code == 200
+
+
+def test_empty_env_values_mean_unset(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no .env here
+    monkeypatch.setenv("FROZENLM_API_KEYS_FILE", "")
+    monkeypatch.setenv("FROZENLM_PINNED", "")
+    s = Settings()
+    assert s.api_keys_file is None and s.pinned == []

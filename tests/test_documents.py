@@ -194,6 +194,32 @@ def test_embedding_waits_for_the_engine_and_the_engine_for_embedding(tmp_path, t
         t.join()
 
 
+def test_a_dense_search_is_a_job_in_the_queue(tmp_path, tiny, monkeypatch):
+    """A dense or hybrid search's backbone pass waits in the scheduler's queue like any other work:
+    a full queue answers 429; bm25 needs no backbone and still answers."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.config import Settings
+    from service.engine import Engine
+    from service.scheduler import Job
+
+    settings = Settings(store_dir=tmp_path, examples=False, max_queue=2, _env_file=None)
+    with TestClient(create_app(settings, backbone=tiny, wait_ready=True)) as c:
+        assert c.put("/tasks/kb", content=_artifact(tiny)).status_code == 201
+        assert c.post("/tasks/kb/documents", content=_jsonl(_rows(CORPUS)), headers=JSONL).status_code == 200
+        dense = c.get("/tasks/kb/documents/search", params={"q": "a zebra", "k": 3, "method": "dense"})
+        assert dense.status_code == 200 and len(dense.json()["results"]) == 3
+    monkeypatch.setattr(Engine, "_loop", lambda self: None)  # now nothing leaves the queue
+    with TestClient(create_app(settings, backbone=tiny, wait_ready=True)) as c:
+        c.app.state.runtime.scheduler.submit([Job(None, [], None, 1) for _ in range(2)])
+        for method in ("dense", "hybrid"):
+            r = c.get("/tasks/kb/documents/search", params={"q": "a zebra", "method": method})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        r = c.get("/tasks/kb/documents/search", params={"q": "zebra", "method": "bm25"})
+        assert r.status_code == 200 and r.json()["results"][0]["id"] == "quagga"
+
+
 # --- the retriever -----------------------------------------------------------------------------
 
 

@@ -144,3 +144,46 @@ def test_a_tiny_temperature_over_http_fails_nobody(tiny_served, tmp_path):
             got = [r.json()["outputs"][0]["text"] for r in answers[k * len(calls) + 2:(k + 1) * len(calls)]]
             assert got == alone
         assert_ready(srv.url)
+
+
+def _tokens_through_backbone(tiny, monkeypatch) -> list[int]:
+    """Every pass's real (unpadded) tokens, recorded as the engine runs."""
+    seen, real = [], tiny.forward
+
+    def forward(embeds, mask, *args, **kw):
+        seen.append(int(mask.sum()))
+        return real(embeds, mask, *args, **kw)
+
+    monkeypatch.setattr(tiny, "forward", forward)
+    return seen
+
+
+def test_a_jobs_cost_is_what_the_engine_puts_through_the_backbone(tiny, monkeypatch):
+    from service.config import Settings
+    from service.runtime import Runtime
+    from service.schemas import InferParameters
+
+    rt = Runtime(Settings(examples=False, _env_file=None), tiny)
+    one = _prompt(tiny, 3, labels={"yes": "y", "no": "n"})
+    many = _prompt(tiny, 4, labels={"a": " the quick brown fox", "b": " jumps over", "c": " the lazy dog"})
+    assert all(len(c) == 1 for c in one.label_ids) and any(len(c) > 1 for c in many.label_ids)
+    jobs = [j for m in (one, many) for j in rt._jobs(m, ["some text here"], InferParameters())]
+    seen = _tokens_through_backbone(tiny, monkeypatch)
+    Engine(tiny, Scheduler()).run(jobs)  # both in one batch
+    assert all(isinstance(_outcome(j), Scored) for j in jobs)
+    assert sum(seen) == sum(j.cost for j in jobs)
+    length = many.pass_length(len(jobs[1].ids))
+    assert jobs[1].cost == sum(length + len(c) for c in many.label_ids)  # one row per label
+
+
+def test_a_modules_probe_tokens_are_charged(tiny, monkeypatch):
+    from service.config import Settings
+    from service.runtime import Runtime
+    from service.schemas import InferParameters
+
+    rt = Runtime(Settings(examples=False, _env_file=None), tiny)
+    m = _prompt(tiny, 5)
+    [plain] = rt._jobs(m, ["hi"], InferParameters(max_new_tokens=4))
+    monkeypatch.setattr(m, "probe_tokens", lambda n: 10 * n)
+    [probed] = rt._jobs(m, ["hi"], InferParameters(max_new_tokens=4))
+    assert probed.cost == plain.cost + 10 * len(plain.ids)

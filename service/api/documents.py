@@ -8,13 +8,14 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import AdminDep, ReaderDep, RuntimeDep
+from service.api.deps import AdminDep, InferDep, ReaderDep, RuntimeDep
 from service.documents import DocumentStore, parse_jsonl
 from service.errors import ServiceError, TooLarge
 
 router = APIRouter(prefix="/tasks/{name}/documents", tags=["documents"])
 
 MEDIA_TYPES = ("application/x-ndjson", "application/jsonl")
+READ = [ReaderDep, InferDep]  # reading a task's documents needs the scope that runs the task
 
 
 class UnsupportedMediaType(ServiceError):
@@ -94,7 +95,7 @@ async def post_documents(name: str, request: Request, rt: RuntimeDep) -> Documen
     return DocumentsAdded(task=name, added=result.added, replaced=result.replaced, count=result.count)
 
 
-@router.get("", response_model=DocumentList, dependencies=[ReaderDep], summary="Count and a page of documents")
+@router.get("", response_model=DocumentList, dependencies=READ, summary="Count and a page of documents")
 def list_documents(name: str, store: DocumentsDep, offset: Annotated[int, Query(ge=0)] = 0,
                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> DocumentList:
     count, docs = store.list(name, offset, limit)
@@ -108,18 +109,18 @@ def delete_documents(name: str, store: DocumentsDep) -> Response:
     return Response(status_code=204)
 
 
-@router.get("/search", response_model=SearchResult, dependencies=[ReaderDep],
+@router.get("/search", response_model=SearchResult, dependencies=READ,
             summary="Search the task's documents (bm25, dense, or hybrid = reciprocal-rank fusion)")
-def search_documents(name: str, store: DocumentsDep,
+async def search_documents(name: str, rt: RuntimeDep,
                      q: Annotated[str, Query(min_length=1, max_length=2000, description="The query.")],
                      k: Annotated[int, Query(ge=1, le=100, description="Results at most.")] = 10,
                      method: Literal["bm25", "dense", "hybrid"] = "hybrid") -> SearchResult:
-    hits = store.search(name, q, k, method)
+    hits = await rt.search(name, q, k, method)
     return SearchResult(task=name, method=method,
                         results=[SearchHit(id=d.id, score=s, title=d.title) for d, s in hits])
 
 
-@router.get("/{doc_id:path}", response_model=DocumentOut, dependencies=[ReaderDep], summary="One document")
+@router.get("/{doc_id:path}", response_model=DocumentOut, dependencies=READ, summary="One document")
 def get_document(name: str, doc_id: str, store: DocumentsDep) -> DocumentOut:
     d = store.get(name, doc_id)
     return DocumentOut(id=d.id, text=d.text, title=d.title)

@@ -14,7 +14,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from service.api.deps import ReaderDep, RuntimeDep
 from service.errors import Invalid
-from service.schemas import InferParameters, InferResponse
+from service.schemas import MAX_INPUTS, InferParameters, InferResponse, Inputs, Text
 from service.security import require_infer
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -27,7 +27,7 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=0)
     n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
     stream: bool = False
@@ -39,14 +39,14 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    prompt: Inputs = Field(description=f"One prompt, or a list of prompts (max {MAX_INPUTS}).")
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatRequest(_Request):
