@@ -26,7 +26,8 @@ import torch
 
 from modules.backbone import Backbone
 from modules.base import kind_class
-from modules.decode import GenItem, Sampling, generate
+from modules.decode import GenItem, Sampling
+from modules.running import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Write a haiku about the sea.", "What is the capital of Italy?", "Give me three tips for sleeping well.",

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from common import latency_ms, normalize  # bench/common.py (the script's folder is on sys.path)
 from modules.backbone import Backbone
 from modules.base import kind_class
-from modules.decode import GenItem, Sampling, ScoreItem, generate, score
+from modules.decode import GenItem, Sampling, ScoreItem, score
+from modules.running import generate
 from modules.stages import prepare
 from modules.train import TrainOptions, mix, train_module
 

@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 from common import exact_match, f1, latency_ms  # bench/common.py (the script's folder is on sys.path)
 from modules.backbone import Backbone
 from modules.base import kind_class
-from modules.decode import GenItem, Sampling, ScoreItem, generate, score
+from modules.decode import GenItem, Sampling, ScoreItem, score
+from modules.running import generate
 from modules.stages import prepare
 from modules.train import TrainOptions, lm_rows, train_module
 

@@ -48,9 +48,10 @@ from tqdm.auto import tqdm
 from modules.backbone import Backbone
 from modules.base import kind_class
 from modules.batch import Contribution, Row, build_pass
-from modules.decode import GenItem, Sampling, ScoreItem, generate, score
+from modules.decode import GenItem, Sampling, ScoreItem, score
 from modules.retrieval import Document, Retriever, documents_files
 from modules.rrr import Candidate, Corpus, RRRModule, pack
+from modules.running import generate
 from modules.stages import prepare
 from common import exact_match, f1, normalize  # bench/common.py (the script's folder is on sys.path)
 from tables import squad_rrr as squad_rrr_table  # bench/tables.py (the script's folder is on sys.path)

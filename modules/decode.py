@@ -1,9 +1,9 @@
-"""Scoring and KV-cached generation over mixed batches of rows.
+"""Scoring over mixed batches of rows, and the per-row state of generation.
 
 `score` returns each label's log-likelihood as a continuation of a row (differentiable, so the
-trainer uses it too). `generate` runs one prefill over all rows and then one decode step per new
-token for the rows still running; rows finish independently (EOS, stop string, max tokens) and are
-dropped from the cache as they do.
+trainer uses it too). A generation row's sampling settings, its next-token choice and its text
+(streamed as it grows, stop strings, finish reasons) live here; the decode loop that runs many
+rows together is `modules.running` (`generate`, `RunningBatch`).
 """
 
 from __future__ import annotations
@@ -173,38 +173,3 @@ class _RowState:
         if end > self.emitted:
             self.item.on_text(self.text[self.emitted:end])
             self.emitted = end
-
-
-@torch.inference_mode()
-def generate(backbone, items: list[GenItem]) -> list[Generated]:
-    """Generate for every item in one KV-cached batch; each row as if it ran alone."""
-    states = [_RowState(it, backbone.tokenizer, backbone.eos_token_ids) for it in items]
-    p = build_pass(backbone, [Row(it.ids, it.contribution) for it in items])
-    cache = p.cache if p.cache is not None else backbone.new_cache()
-    deltas = p.deltas
-    hidden = backbone.forward(p.embeds, p.mask, p.positions, cache, deltas)         # (B, L, H)
-    logits = backbone.logits(hidden[:, -1])                                          # (B, V)
-    mask, pos = p.mask, p.positions[:, -1:] + 1                                      # (B, S+L), (B, 1)
-    active = list(range(len(items)))
-    while True:
-        finite = torch.isfinite(logits).all(-1).tolist()                                # (b,)
-        for j, i in enumerate(active):
-            if not finite[j]:  # only this row's module is to blame: it stops, the others go on
-                states[i].fail(RowError("the task's module produced non-finite logits"))
-                continue
-            states[i].push(_pick(logits[j], states[i].item.sampling, states[i].gen))
-        keep = [j for j, i in enumerate(active) if states[i].finish is None]
-        if not keep:
-            break
-        if len(keep) < len(active):
-            idx = torch.tensor(keep, device=mask.device)
-            cache.batch_select_indices(idx)
-            mask, pos = mask[idx], pos[idx]
-            deltas = deltas.select(keep)
-            active = [active[j] for j in keep]
-        last = torch.tensor([[states[i].ids[-1]] for i in active], device=mask.device)  # (b, 1)
-        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)                  # (b, S+1)
-        hidden = backbone.forward(backbone.embed(last), mask, pos, cache, deltas)       # (b, 1, H)
-        logits = backbone.logits(hidden[:, -1])                                         # (b, V)
-        pos = pos + 1
-    return [Generated(s.ids, s.text, s.finish, s.error) for s in states]

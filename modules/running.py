@@ -359,3 +359,14 @@ def _push(states: list[_RowState], logits: torch.Tensor) -> None:
 
 def _result(s: _RowState) -> Generated:
     return Generated(s.ids, s.text, s.finish, s.error)
+
+
+def generate(backbone, items: list[GenItem]) -> list[Generated]:
+    """Generate for every item together, each row as if it ran alone: all rows join one running
+    batch at once and are decoded until the last finishes."""
+    batch = RunningBatch(backbone, prefill_tokens=sum(len(Row(it.ids, it.contribution)) for it in items))
+    batch.join(items)
+    done: dict[int, Generated] = {}
+    while len(batch):
+        done.update((id(it), g) for it, g in batch.step())
+    return [done[id(it)] for it in items]

@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from modules.batch import Contribution, Row, build_pass
-from modules.decode import GenItem, Sampling, generate
+from modules.decode import GenItem, Sampling
+from modules.running import generate
 
 
 @dataclass(frozen=True)

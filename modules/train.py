@@ -51,7 +51,8 @@ from tqdm.auto import tqdm
 from modules.backbone import Backbone
 from modules.base import TaskModule, kind_class
 from modules.child_tuning import ChildTuningAdamW, _check_p, fisher_masks
-from modules.decode import GenItem, Sampling, ScoreItem, generate, score
+from modules.decode import GenItem, Sampling, ScoreItem, score
+from modules.running import generate
 from modules.stages import prepare
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,6 +46,15 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, description="Most rows in one backbone batch.")
     max_batch_tokens: int = Field(16384, description="Token budget of one batch (prompt + new tokens).")
     max_queue: int = Field(256, description="Queued rows before new requests get 429.")
+    engine: Literal["continuous", "static"] = Field(
+        "continuous", description="continuous: rows join and leave the running batch at every step; static: a batch "
+                                  "is decoded to completion before the next is taken (kept for comparison).")
+    kv_tokens: int = Field(65536, ge=1, description="Key/value positions the running batch may hold (slots x "
+                                                    "columns); rows wait in the queue past it (continuous engine).")
+    prefill_tokens: int = Field(512, ge=1, description="Prompt tokens prefilled per engine step; longer prompts take "
+                                                       "several steps (continuous engine).")
+    prefix_cache_tokens: int = Field(8192, ge=0, description="Key/value positions of rows' leading tokens kept for "
+                                                             "reuse, keyed by module content (0 = off).")
     request_timeout_s: float = Field(300.0, gt=0, description="Per-request deadline (504 past it).")
     cache_bytes: int = Field(1 << 30, description="Byte budget of loaded modules on the device (LRU).")
     host_cache_bytes: int = Field(4 << 30, description="Byte budget of the CPU tier behind the device cache.")

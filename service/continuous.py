@@ -19,11 +19,11 @@ import time
 
 import torch
 
-from modules.decode import GenItem, ScoreItem, score
+from modules.decode import GenItem
 from modules.prefix_cache import PrefixCache, content_key
 from modules.running import RunningBatch
 from modules.stages import prepare
-from service.engine import Engine, _fix_seed, _Once, _scored
+from service.engine import Engine, _fix_seed, _Once, score_jobs
 from service.scheduler import Job
 
 log = logging.getLogger("frozenlm.engine")
@@ -76,6 +76,10 @@ class ContinuousEngine(Engine):
             _fix_seed(j)
             if j.on_text is not None:
                 j.on_text = _Once(j.on_text)
+        self._answer([(j, self._own_pass(j)) for j in runnable if j.work is not None])
+        runnable = [j for j in runnable if j.work is None]
+        if not runnable:
+            return
         with self.lock, torch.inference_mode():
             rows = prepare(self.backbone, [(j.module, j.ids) for j in runnable], isolate=True)
             ready = []
@@ -94,7 +98,7 @@ class ContinuousEngine(Engine):
         if not pairs:
             return
         try:
-            lls = score(self.backbone, [ScoreItem(r.ids, r.contribution, j.module.label_ids) for j, r in pairs])
+            results = score_jobs(self.backbone, pairs)
         except Exception as e:  # noqa: BLE001 - only the rows that fail alone fail
             if len(pairs) == 1:
                 log.exception("a row of task kind %s failed", pairs[0][0].module.kind)
@@ -102,7 +106,7 @@ class ContinuousEngine(Engine):
             for pair in pairs:
                 self._score([pair])
             return
-        self._answer([(j, _scored(j.module, ll)) for (j, _), ll in zip(pairs, lls)])
+        self._answer([(j, r) for (j, _), r in zip(pairs, results)])
 
     def _join(self, pairs: list) -> None:
         """The admitted generation rows join the running batch (their prefill runs in the next steps)."""

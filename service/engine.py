@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from modules.backbone import Backbone
-from modules.decode import GenItem, RowError, ScoreItem, generate, score
+from modules.decode import GenItem, RowError, ScoreItem, score
+from modules.running import generate
 from modules.stages import prepare
 from service.scheduler import Job, Scheduler
 
@@ -117,12 +118,8 @@ class Engine:
                 results[i] = r.error
         ok = [i for i in range(len(jobs)) if results[i] is None]
         scoring = [i for i in ok if jobs[i].sampling is None]
-        one_pass = [i for i in scoring if one_token_labels(jobs[i].module)]
-        for group in (one_pass, [i for i in scoring if i not in one_pass]):  # as label_cost counts them
-            if group:
-                items = [ScoreItem(rows[i].ids, rows[i].contribution, jobs[i].module.label_ids) for i in group]
-                for i, ll in zip(group, score(self.backbone, items)):
-                    results[i] = _scored(jobs[i].module, ll)
+        for i, r in zip(scoring, score_jobs(self.backbone, [(jobs[i], rows[i]) for i in scoring])):
+            results[i] = r
         gen = [i for i in ok if jobs[i].sampling is not None]
         if gen:
             items = [GenItem(rows[i].ids, rows[i].contribution, jobs[i].sampling,
@@ -131,6 +128,19 @@ class Engine:
             for i, g in zip(gen, generate(self.backbone, items)):
                 results[i] = g if g.error is None else g.error
         return results
+
+
+def score_jobs(backbone, pairs: list) -> list:
+    """Each classification (job, prepared row)'s Scored (or RowError): rows whose labels are all
+    one token in one pass, the others in another (one row per label), as `label_cost` counts them."""
+    results: dict[int, object] = {}
+    one_pass = [k for k, (j, _) in enumerate(pairs) if one_token_labels(j.module)]
+    for group in (one_pass, [k for k in range(len(pairs)) if k not in one_pass]):
+        if group:
+            items = [ScoreItem(pairs[k][1].ids, pairs[k][1].contribution, pairs[k][0].module.label_ids) for k in group]
+            for k, ll in zip(group, score(backbone, items)):
+                results[k] = _scored(pairs[k][0].module, ll)
+    return [results[k] for k in range(len(pairs))]
 
 
 def one_token_labels(module) -> bool:

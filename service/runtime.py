@@ -50,6 +50,7 @@ class Runtime:
 
         from modules.backbone import Backbone
         from service.documents import DocumentStore
+        from service.continuous import ContinuousEngine
         from service.engine import Engine
         from service.registry import Registry
         from service.store import ModuleStore
@@ -72,8 +73,14 @@ class Runtime:
                 self._install_examples(s.examples_dir)
             self.registry.check_all()
             self.documents.open_all()
-            self.engine = Engine(self.backbone, self.scheduler, on_batch=metrics.observe_batch,
-                                 on_cancel=metrics.CANCELLED.inc, lock=self.backbone_lock)
+            hooks = {"on_batch": metrics.observe_batch, "on_cancel": metrics.CANCELLED.inc, "lock": self.backbone_lock}
+            if s.engine == "static":
+                self.engine = Engine(self.backbone, self.scheduler, **hooks)
+            else:
+                self.engine = ContinuousEngine(self.backbone, self.scheduler, max_running=s.max_batch_size,
+                                               kv_tokens=s.kv_tokens, prefill_tokens=s.prefill_tokens,
+                                               prefix_cache_tokens=s.prefix_cache_tokens,
+                                               on_step=metrics.observe_step, **hooks)
             self.engine.start()
             self._ready.set()
             log.info("ready: %d tasks in %s", len(store.names()), s.store_dir)
@@ -196,7 +203,7 @@ class Runtime:
 
     # --- inference ---------------------------------------------------------------------------
 
-    def _jobs(self, module, inputs: list, p: InferParameters, on_text=None) -> list[Job]:
+    def _jobs(self, task: str, module, inputs: list, p: InferParameters, on_text=None) -> list[Job]:
         """Tokenize and check limits (runs in the thread pool)."""
         from modules.decode import Sampling
         from service.engine import label_cost
@@ -224,7 +231,7 @@ class Runtime:
                     seed=p.seed,
                     stop=p.stop if p.stop is not None else gen.stop)
                 cost = length + max_new
-            jobs.append(Job(module, ids, sampling, cost + module.probe_tokens(len(ids)), on_text=on_text))
+            jobs.append(Job(module, ids, sampling, cost + module.probe_tokens(len(ids)), on_text=on_text, task=task))
         return jobs
 
     def _run(self, jobs: list[Job], disconnected=None):
@@ -281,7 +288,7 @@ class Runtime:
         t0 = time.monotonic()
         resolved = await run_in_threadpool(self._resolve, name)
         with metrics.track(resolved.name, resolved.module.kind):
-            jobs = await run_in_threadpool(self._jobs, resolved.module, inputs, params)
+            jobs = await run_in_threadpool(self._jobs, resolved.name, resolved.module, inputs, params)
             results = await self._run(jobs, disconnected)
         return self._response(resolved, jobs, results, t0)
 
@@ -309,7 +316,7 @@ class Runtime:
         resolved = await run_in_threadpool(self._resolve, name)
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
-        jobs = await run_in_threadpool(self._jobs, resolved.module, [one_input], params,
+        jobs = await run_in_threadpool(self._jobs, resolved.name, resolved.module, [one_input], params,
                                        lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
         task = asyncio.ensure_future(self._run(jobs))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 import zipfile
 
 import pytest
@@ -281,10 +282,9 @@ def test_request_id_is_echoed(app_client):
 
 
 def test_full_queue_answers_429_with_retry_after(tmp_path, tiny, monkeypatch):
-    from service.engine import Engine
-    from service.scheduler import Job
+    from service.scheduler import Job, Scheduler
 
-    monkeypatch.setattr(Engine, "_loop", lambda self: None)  # nothing leaves the queue
+    monkeypatch.setattr(Scheduler, "next_batch", lambda self, *a, **k: time.sleep(0.01) or [])  # nothing leaves the queue
     settings = Settings(store_dir=tmp_path, examples=False, max_queue=2, _env_file=None)
     with TestClient(create_app(settings, backbone=tiny, wait_ready=True)) as c:
         c.app.state.runtime.scheduler.submit([Job(None, [], None, 1) for _ in range(2)])
@@ -307,17 +307,17 @@ def test_a_request_that_can_never_fit_is_413_not_429(tmp_path, tiny):
 def test_deadline_answers_504_and_cancels_the_rows(tmp_path, tiny, monkeypatch):
     import time as _time
 
-    import service.engine as engine_module
+    from modules.running import RunningBatch
 
-    real, seen = engine_module.generate, []
+    real, seen = RunningBatch.step, []
 
-    def slow_generate(backbone, items):
+    def slow_step(self):
         _time.sleep(1.0)  # the engine is busy for longer than the deadline
-        out = real(backbone, items)
-        seen.extend(g.finish_reason for g in out)
+        out = real(self)
+        seen.extend(g.finish_reason for _, g in out)
         return out
 
-    monkeypatch.setattr(engine_module, "generate", slow_generate)
+    monkeypatch.setattr(RunningBatch, "step", slow_step)
     settings = Settings(store_dir=tmp_path, examples=False, request_timeout_s=0.3, _env_file=None)
     with TestClient(create_app(settings, backbone=tiny, wait_ready=True)) as c:
         r = c.post("/tasks/base/infer", json={"inputs": "hello", "parameters": {"max_new_tokens": 20}})

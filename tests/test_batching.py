@@ -7,7 +7,8 @@ import torch
 
 from modules.base import NoModule, kind_class
 from modules.batch import Contribution, Row, build_pass
-from modules.decode import GenItem, Sampling, ScoreItem, generate, score
+from modules.decode import GenItem, Sampling, ScoreItem, score
+from modules.running import generate
 from modules.stages import prepare
 
 TEXTS = ["a", "hello there, how are you doing today?", "xyz xyz", "the quick brown fox jumps", "0123456789" * 3,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -201,8 +202,7 @@ def test_a_dense_search_is_a_job_in_the_queue(tmp_path, tiny, monkeypatch):
 
     from service.app import create_app
     from service.config import Settings
-    from service.engine import Engine
-    from service.scheduler import Job
+    from service.scheduler import Job, Scheduler
 
     settings = Settings(store_dir=tmp_path, examples=False, max_queue=2, _env_file=None)
     with TestClient(create_app(settings, backbone=tiny, wait_ready=True)) as c:
@@ -210,7 +210,7 @@ def test_a_dense_search_is_a_job_in_the_queue(tmp_path, tiny, monkeypatch):
         assert c.post("/tasks/kb/documents", content=_jsonl(_rows(CORPUS)), headers=JSONL).status_code == 200
         dense = c.get("/tasks/kb/documents/search", params={"q": "a zebra", "k": 3, "method": "dense"})
         assert dense.status_code == 200 and len(dense.json()["results"]) == 3
-    monkeypatch.setattr(Engine, "_loop", lambda self: None)  # now nothing leaves the queue
+    monkeypatch.setattr(Scheduler, "next_batch", lambda self, *a, **k: time.sleep(0.01) or [])  # now nothing leaves the queue
     with TestClient(create_app(settings, backbone=tiny, wait_ready=True)) as c:
         c.app.state.runtime.scheduler.submit([Job(None, [], None, 1) for _ in range(2)])
         for method in ("dense", "hybrid"):

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from modules.base import NoModule, kind_class
-from modules.decode import GenItem, RowError, Sampling, _pick, generate
 from modules.batch import Contribution
+from modules.decode import GenItem, RowError, Sampling, _pick
+from modules.running import generate
 from service.engine import Engine, Scored
 from service.scheduler import Job, Scheduler
 
@@ -165,9 +166,9 @@ def test_a_jobs_cost_is_what_the_engine_puts_through_the_backbone(tiny, monkeypa
 
     rt = Runtime(Settings(examples=False, _env_file=None), tiny)
     one = _prompt(tiny, 3, labels={"yes": "y", "no": "n"})
-    many = _prompt(tiny, 4, labels={"a": " the quick brown fox", "b": " jumps over", "c": " the lazy dog"})
+    many = _prompt(tiny, 4, labels={"a": " the fox", "b": " jumps over", "c": " the lazy"})  # tiny tokens: ~1 per character
     assert all(len(c) == 1 for c in one.label_ids) and any(len(c) > 1 for c in many.label_ids)
-    jobs = [j for m in (one, many) for j in rt._jobs(m, ["some text here"], InferParameters())]
+    jobs = [j for m in (one, many) for j in rt._jobs("t", m, ["some text here"], InferParameters())]
     seen = _tokens_through_backbone(tiny, monkeypatch)
     Engine(tiny, Scheduler()).run(jobs)  # both in one batch
     assert all(isinstance(_outcome(j), Scored) for j in jobs)
@@ -183,7 +184,7 @@ def test_a_modules_probe_tokens_are_charged(tiny, monkeypatch):
 
     rt = Runtime(Settings(examples=False, _env_file=None), tiny)
     m = _prompt(tiny, 5)
-    [plain] = rt._jobs(m, ["hi"], InferParameters(max_new_tokens=4))
+    [plain] = rt._jobs("t", m, ["hi"], InferParameters(max_new_tokens=4))
     monkeypatch.setattr(m, "probe_tokens", lambda n: 10 * n)
-    [probed] = rt._jobs(m, ["hi"], InferParameters(max_new_tokens=4))
+    [probed] = rt._jobs("t", m, ["hi"], InferParameters(max_new_tokens=4))
     assert probed.cost == plain.cost + 10 * len(plain.ids)

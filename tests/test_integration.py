@@ -117,7 +117,8 @@ def test_mixed_task_batch_equals_each_request_alone_in_the_engine(real_backbone)
     lengths in one batch (probes batched too), against each row alone."""
     from modules.artifact import read_artifact
     from modules.base import NoModule, load_module
-    from modules.decode import GenItem, Sampling, generate
+    from modules.decode import GenItem, Sampling
+    from modules.running import generate
     from modules.stages import prepare
 
     mods = [NoModule(real_backbone)] + [load_module(read_artifact(_random_prompt(real_backbone, p, p)), real_backbone)

@@ -12,7 +12,8 @@ import torch
 from modules.artifact import ArtifactError, read_artifact
 from modules.base import NoModule, kind_class, load_module
 from modules.batch import Contribution, Row, build_pass
-from modules.decode import GenItem, Sampling, ScoreItem, generate, score
+from modules.decode import GenItem, Sampling, ScoreItem, score
+from modules.running import generate
 from tests.conftest import tiny_backbone, weights_digest
 
 TEXTS = ["a", "hello there, how are you doing today?", "xyz xyz", "the quick brown fox jumps", "0123456789" * 3,

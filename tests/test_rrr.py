@@ -12,9 +12,10 @@ import torch
 
 from modules.artifact import read_artifact
 from modules.base import kind_class, load_module
-from modules.decode import GenItem, Sampling, generate
+from modules.decode import GenItem, Sampling
 from modules.retrieval import DOCUMENTS_FILE, VECTORS_FILE, Document, Retriever, documents_files
 from modules.rrr import Corpus, pack
+from modules.running import generate
 from modules.stages import prepare
 from tests.test_batching import _modules, _randomize
 from tests.test_documents import CORPUS

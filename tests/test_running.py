@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from modules.batch import Contribution
-from modules.decode import GenItem, Sampling, generate
-from modules.running import RunningBatch
+from modules.decode import GenItem, Sampling
+from modules.running import RunningBatch, generate
 from tests.test_batching import _items, _modules
 
 

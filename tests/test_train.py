@@ -11,7 +11,8 @@ import torch
 from clients.cli import main as cli_main
 from modules.artifact import read_artifact
 from modules.base import kind_class, load_module
-from modules.decode import GenItem, Sampling, ScoreItem, generate, score
+from modules.decode import GenItem, Sampling, ScoreItem, score
+from modules.running import generate
 from modules.stages import prepare
 from modules.train import TrainOptions, evaluate, lm_rows, mix, read_jsonl, train_module
 from tests.conftest import weights_digest
