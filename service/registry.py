@@ -20,6 +20,7 @@ from modules.artifact import ArtifactError, read_artifact
 from modules.backbone import Backbone
 from modules.base import MANIFEST_FILE, Manifest, NoModule, TaskModule, kind_class, load_module, parse_manifest
 from service.errors import Conflict, Invalid, NotFound, Unavailable, from_artifact_error
+from service.schemas import NAME_PATTERN
 from service.store import ModuleStore, StoredModule, valid_name
 
 log = logging.getLogger("frozenlm.registry")
@@ -142,7 +143,7 @@ class Registry:
         if name == BASE:
             raise Conflict("the task name 'base' is reserved for the backbone alone", code="reserved_name")
         if not valid_name(name):
-            raise Invalid(f"invalid task name {name!r}: must match ^[a-z0-9][a-z0-9._-]{{0,63}}$",
+            raise Invalid(f"invalid task name {name!r}: must match {NAME_PATTERN} in full",
                           code="invalid_name")
 
     def put(self, name: str, data: bytes) -> StoredModule:

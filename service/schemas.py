@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"  # a task name matches it in full (re.fullmatch)
 
 
 class _Strict(BaseModel):

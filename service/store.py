@@ -42,7 +42,7 @@ class StoredModule:
 
 
 def valid_name(name: str) -> bool:
-    return bool(_NAME.match(name))
+    return _NAME.fullmatch(name) is not None
 
 
 def _fsync_dir(path: Path) -> None:

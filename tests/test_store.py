@@ -52,7 +52,7 @@ def test_current_json_records_what_serves(tmp_path):
 def test_names():
     for ok in ["a", "sst2", "my-task_1.v2", "0" * 64]:
         assert valid_name(ok), ok
-    for bad in ["", "A", "-x", ".x", "a/b", "..", "a b", "0" * 65, "é"]:
+    for bad in ["", "A", "-x", ".x", "a/b", "..", "a b", "0" * 65, "é", "base\n", "sst2\n", "a\r\n"]:
         assert not valid_name(bad), bad
 
 
