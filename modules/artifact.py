@@ -2,21 +2,31 @@
 
 Unpacking refuses absolute paths, `..`, links and special files, more than `max_files` entries,
 and more than `max_bytes` of uncompressed content (counted while reading, so a zip bomb that lies
-about its sizes is stopped too). A single top-level folder is stripped, so both `zip -r m.zip m/`
-and `cd m && zip m.zip *` work.
+about its sizes is stopped too). Every archive is read to its end and its checksums verified (each
+zip member's CRC-32; a gzip stream is decompressed whole, trailer CRC and length included, before
+its tar is read); any read error is an `ArtifactError`. A single top-level folder is stripped, so
+both `zip -r m.zip m/` and `cd m && zip m.zip *` work.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
+import lzma
 import posixpath
 import stat
+import struct
 import tarfile
 import zipfile
+import zlib
 
 MAX_FILES = 64
 MAX_BYTES = 512 * 1024 * 1024
 _CHUNK = 1 << 20
+_TAR_OVERHEAD = 1 << 20  # headers and padding a tar stream may add to its files' bytes
+# what reading a damaged or hostile archive can raise (zipfile raises RuntimeError for an encrypted member)
+_READ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, NotImplementedError,
+                RuntimeError, ValueError, OSError, zlib.error, lzma.LZMAError, struct.error)
 
 
 class ArtifactError(ValueError):
@@ -87,7 +97,9 @@ def _read_zip(data: bytes, budget: _Budget) -> dict[str, bytes]:
                     raise ArtifactTooLarge(f"{name} unpacks to more than {budget.max_bytes} bytes")
                 with z.open(info) as f:
                     files[name] = budget.read(f)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as e:
+    except ArtifactError:
+        raise
+    except _READ_ERRORS as e:
         raise ArtifactError(f"not a valid zip archive: {e}") from e
     return files
 
@@ -95,7 +107,10 @@ def _read_zip(data: bytes, budget: _Budget) -> dict[str, bytes]:
 def _read_tar(data: bytes, budget: _Budget) -> dict[str, bytes]:
     files = {}
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as t:
+        if data[:2] == b"\x1f\x8b":  # the whole stream first: its trailer's CRC and length are checked at its end
+            with gzip.GzipFile(fileobj=io.BytesIO(data)) as g:
+                data = _Budget(0, budget.max_bytes + _TAR_OVERHEAD).read(g)
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as t:
             for member in t:
                 name = _check_name(member.name)
                 if member.isdir():
@@ -107,7 +122,9 @@ def _read_tar(data: bytes, budget: _Budget) -> dict[str, bytes]:
                     raise ArtifactTooLarge(f"{name} unpacks to more than {budget.max_bytes} bytes")
                 f = t.extractfile(member)
                 files[name] = budget.read(f)
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except ArtifactError:
+        raise
+    except _READ_ERRORS as e:
         raise ArtifactError(f"not a valid tar archive: {e}") from e
     return files
 

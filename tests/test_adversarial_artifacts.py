@@ -6,6 +6,10 @@ was; where memory was the harm, the server's peak memory may grow by less than 1
 
 from __future__ import annotations
 
+import gzip
+import io
+import zipfile
+
 import httpx
 import pytest
 
@@ -50,3 +54,95 @@ def test_a_name_with_a_trailing_newline_is_refused(srv, tiny_served, name):
     _refused(srv, name, _artifact(tiny_served[1]), 422, "invalid_name")
     assert httpx.post(srv.url + f"/tasks/{name}/infer", json={"inputs": "x"}).status_code == 404
     assert [t["name"] for t in httpx.get(srv.url + "/tasks").json()["tasks"]] == ["keep"]
+
+
+# --- 4, 7: damaged archives --------------------------------------------------------------------
+
+def _member_data(blob: bytes, name: str) -> int:
+    """Where the stored (compressed) bytes of zip member `name` start in `blob`."""
+    import struct
+
+    info = zipfile.ZipFile(io.BytesIO(blob)).getinfo(name)
+    name_len, extra_len = struct.unpack("<HH", blob[info.header_offset + 26:info.header_offset + 30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def _flip(blob: bytes, at: int, n: int = 40) -> bytes:
+    """`blob` with the `n` bytes from `at` inverted (near the start of a deflate stream: its code
+    tables, so inflating fails; further in, only the CRC tells)."""
+    return blob[:at] + bytes(b ^ 0xFF for b in blob[at:at + n]) + blob[at + n:]
+
+
+def _restored(blob: bytes, compression: int) -> bytes:
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(blob)) as src, zipfile.ZipFile(out, "w", compression=compression) as z:
+        for info in src.infolist():
+            z.writestr(info.filename, src.read(info))
+    return out.getvalue()
+
+
+def _tar_gz(blob: bytes) -> bytes:
+    import tarfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(blob)) as src, tarfile.open(fileobj=out, mode="w:gz") as t:
+        for info in src.infolist():
+            member = tarfile.TarInfo(info.filename)
+            member.size = info.file_size
+            t.addfile(member, io.BytesIO(src.read(info)))
+    return out.getvalue()
+
+
+def _damaged(kind: str, bb) -> bytes:
+    blob = _artifact(bb, p=40)  # 40 x 64 float32 weights: 10 kB
+    tgz = _tar_gz(blob)
+    weights = "weights.safetensors"
+    return {
+        "zip_deflate_flipped": lambda: _flip(blob, _member_data(blob, weights) + 10),  # zlib error -3
+        "zip_stored_flipped": lambda: (lambda b: _flip(b, _member_data(b, weights) + 1000))(
+            _restored(blob, zipfile.ZIP_STORED)),  # bad CRC-32
+        "zip_bzip2_flipped": lambda: (lambda b: _flip(b, _member_data(b, weights) + 10))(
+            _restored(blob, zipfile.ZIP_BZIP2)),
+        "zip_truncated": lambda: blob[:len(blob) // 2],
+        "tgz_bad_crc": lambda: tgz[:-8] + bytes(b ^ 0xFF for b in tgz[-8:-4]) + tgz[-4:],
+        "tgz_bad_length": lambda: tgz[:-4] + (int.from_bytes(tgz[-4:], "little") + 1).to_bytes(4, "little"),
+        "tgz_flipped": lambda: _flip(tgz, 20),
+        "tgz_truncated": lambda: tgz[:-100],
+        "tgz_trailing_garbage": lambda: tgz + b"garbage!",
+        "gz_not_a_tar": lambda: gzip.compress(b"not a tar archive " * 100),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind", ["zip_deflate_flipped", "zip_stored_flipped", "zip_truncated", "zip_bzip2_flipped",
+                                  "tgz_bad_crc", "tgz_bad_length", "tgz_flipped", "tgz_truncated",
+                                  "tgz_trailing_garbage", "gz_not_a_tar"])
+def test_a_damaged_archive_is_refused(srv, tiny_served, kind):
+    _refused(srv, "damaged", _damaged(kind, tiny_served[1]), 422, "invalid_artifact")
+
+
+def test_a_good_tar_gz_is_accepted(srv, tiny_served):
+    r = httpx.put(srv.url + "/tasks/tgz", content=_tar_gz(_artifact(tiny_served[1], p=40)), timeout=60)
+    assert r.status_code == 201, r.text
+    assert httpx.delete(srv.url + "/tasks/tgz").status_code == 204
+
+
+def test_a_corrupt_stored_artifact_makes_only_its_task_unavailable(tiny_served, tmp_path):
+    folder, bb = tiny_served
+    store = tmp_path / "store"
+    with served(_env(folder), store) as s:
+        for name in ("good", "bad"):
+            assert httpx.put(s.url + f"/tasks/{name}", content=_artifact(bb, p=40), timeout=60).status_code == 201
+        want = httpx.post(s.url + "/tasks/good/infer", json={"inputs": "hi"}, timeout=60).json()["outputs"]
+    path = store / "bad" / "v1.module"
+    blob = path.read_bytes()
+    path.write_bytes(_flip(blob, _member_data(blob, "weights.safetensors") + 10))
+    with served(_env(folder), store) as s:
+        assert_ready(s.url)
+        tasks = {t["name"]: t for t in httpx.get(s.url + "/tasks").json()["tasks"]}
+        assert (tasks["good"]["status"], tasks["bad"]["status"]) == ("ready", "unavailable")
+        assert tasks["bad"]["error"]
+        assert httpx.post(s.url + "/tasks/good/infer", json={"inputs": "hi"}, timeout=60).json()["outputs"] == want
+        r = httpx.post(s.url + "/tasks/bad/infer", json={"inputs": "hi"}, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "task_unavailable"
