@@ -140,9 +140,98 @@ def test_a_corrupt_stored_artifact_makes_only_its_task_unavailable(tiny_served, 
     path.write_bytes(_flip(blob, _member_data(blob, "weights.safetensors") + 10))
     with served(_env(folder), store) as s:
         assert_ready(s.url)
-        tasks = {t["name"]: t for t in httpx.get(s.url + "/tasks").json()["tasks"]}
+        listed = {}
+        growth = peak_growth_mb(s.pid, lambda: listed.update(httpx.get(s.url + "/tasks").json()))
+        assert growth < 100, growth
+        tasks = {t["name"]: t for t in listed["tasks"]}
         assert (tasks["good"]["status"], tasks["bad"]["status"]) == ("ready", "unavailable")
         assert tasks["bad"]["error"]
+        # listed from the manifest kept beside the artifact: the corrupt artifact is never unpacked to list it
+        assert tasks["bad"]["manifest"]["kind"] == tasks["good"]["manifest"]["kind"] == "prompt"
+        assert [m["id"] for m in httpx.get(s.url + "/v1/models").json()["data"]] == ["base", "good"]
         assert httpx.post(s.url + "/tasks/good/infer", json={"inputs": "hi"}, timeout=60).json()["outputs"] == want
         r = httpx.post(s.url + "/tasks/bad/infer", json={"inputs": "hi"}, timeout=60)
         assert r.status_code == 503 and r.json()["error"]["code"] == "task_unavailable"
+
+
+# --- 5: what an artifact may hold, and how far it may unpack --------------------------------------
+
+_BOMB = 400 << 20  # 400 MB of zeros: a few hundred kB once deflated
+
+
+def _with_zeros(files: dict[str, bytes], name: str, head: bytes, zeros: int) -> bytes:
+    """A zip of `files` plus member `name`: `head` then `zeros` zero bytes (written in chunks)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for n, data in files.items():
+            z.writestr(n, data)
+        with z.open(name, "w", force_zip64=True) as f:
+            f.write(head)
+            for _ in range(zeros >> 20):
+                f.write(bytes(1 << 20))
+    return out.getvalue()
+
+
+def _safetensors_head(shape: list[int], data_bytes: int) -> bytes:
+    import json
+
+    header = json.dumps({"prompt.embeddings": {"dtype": "F32", "shape": shape, "data_offsets": [0, data_bytes]}})
+    return len(header).to_bytes(8, "little") + header.encode()
+
+
+def _files(bb) -> dict[str, bytes]:
+    from modules.artifact import read_artifact
+
+    return read_artifact(_artifact(bb))
+
+
+@pytest.mark.parametrize("kind,status", [("extra_file", 413), ("weights", 413)])
+def test_a_zip_bomb_is_refused_before_it_unpacks(srv, tiny_served, kind, status):
+    files = _files(tiny_served[1])
+    if kind == "extra_file":
+        bomb = _with_zeros(files, "zeros", b"", _BOMB)
+    else:  # a weights file whose header declares 400 MB of tensor data, all zeros
+        files.pop("weights.safetensors")
+        bomb = _with_zeros(files, "weights.safetensors", _safetensors_head([_BOMB // 256, 64], _BOMB), _BOMB)
+    assert len(bomb) < 1 << 20
+    growth = _refused(srv, "bomb", bomb, status, "artifact_too_large")
+    assert growth < 100, growth
+
+
+def _zip(files: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for n, data in files.items():
+            z.writestr(n, data)
+    return out.getvalue()
+
+
+def _unnamed(kind: str, bb) -> tuple[bytes, int, str]:
+    files = _files(bb)
+    weights = files["weights.safetensors"]
+    return {
+        "extra_file": lambda: (_zip({**files, "notes.txt": b"hello"}), 422, "invalid_artifact"),
+        "extra_folder_file": lambda: (_zip({**files, "extra/weights.safetensors": weights}), 422, "invalid_artifact"),
+        "big_manifest": lambda: (_zip({**files, "module.json": files["module.json"] + b" " * (2 << 20)}), 413,
+                                 "artifact_too_large"),
+        "weights_longer_than_declared": lambda: (_zip({**files, "weights.safetensors": weights + bytes(64)}), 422,
+                                                 "invalid_artifact"),
+        "weights_shorter_than_declared": lambda: (_zip({**files, "weights.safetensors": weights[:-64]}), 422,
+                                                  "invalid_artifact"),
+        "weights_header_past_the_end": lambda: (_zip({**files, "weights.safetensors": (1 << 40).to_bytes(8, "little")}),
+                                                422, "invalid_artifact"),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind", ["extra_file", "extra_folder_file", "big_manifest", "weights_longer_than_declared",
+                                  "weights_shorter_than_declared", "weights_header_past_the_end"])
+def test_files_the_format_does_not_name_are_refused(srv, tiny_served, kind):
+    body, status, code = _unnamed(kind, tiny_served[1])
+    _refused(srv, "unnamed", body, status, code)
+
+
+def test_a_folder_of_named_files_is_accepted(srv, tiny_served):
+    files = _files(tiny_served[1])
+    r = httpx.put(srv.url + "/tasks/folder", content=_zip({f"m/{n}": b for n, b in files.items()}), timeout=60)
+    assert r.status_code == 201, r.text
+    assert httpx.delete(srv.url + "/tasks/folder").status_code == 204
