@@ -115,7 +115,9 @@ def _read_member(f, name: str, cap: int | None, budget: _Budget) -> bytes:
     if len(header) != n:
         raise ArtifactError(f"{name} ends inside its header")
     size = 8 + n + _tensor_bytes(header, name)
-    limit = min(cap if cap is not None else budget.max_bytes, 8 + n + budget.max_bytes - budget.bytes)
+    limit = 8 + n + budget.max_bytes - budget.bytes  # what the archive's budget has left, header included
+    if cap is not None:
+        limit = min(limit, cap)
     if size > limit:
         raise ArtifactTooLarge(f"{name} declares {size} bytes of tensors and header; the limit is {limit}")
     data = budget.read(f, name, cap, size - 8 - n)
@@ -130,7 +132,8 @@ def _top_folder(names: list[str]) -> str:
     return f"{roots.pop()}/" if len(roots) == 1 and all("/" in n for n in names) else ""
 
 
-def _read_entries(entries: list, open_member, budget: _Budget, members: dict[str, int | None] | None) -> dict[str, bytes]:
+def _read_entries(entries: list, open_member, budget: _Budget, members: dict[str, int | None] | None
+                  ) -> dict[str, bytes]:
     """Read (path, declared size, member) entries, checking each before reading it."""
     if not entries:
         raise ArtifactError("archive is empty")
