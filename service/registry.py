@@ -16,15 +16,30 @@ from dataclasses import dataclass
 
 import torch
 
+from modules import peft_import
 from modules.artifact import ArtifactError, read_artifact
 from modules.backbone import Backbone
-from modules.base import MANIFEST_FILE, Manifest, NoModule, TaskModule, kind_class, load_module, parse_manifest
+from modules.base import (MANIFEST_FILE, WEIGHTS_FILE, Manifest, NoModule, TaskModule, kind_class, load_module,
+                          parse_manifest)
+from modules.retrieval import DOCUMENTS_FILE, VECTORS_FILE
 from service.errors import Conflict, Invalid, NotFound, Unavailable, from_artifact_error
+from service.schemas import NAME_PATTERN
 from service.store import ModuleStore, StoredModule, valid_name
 
 log = logging.getLogger("frozenlm.registry")
 
 BASE = "base"
+_JSON_BYTES = 1 << 20
+# Every file an artifact may hold (what load_module, load_peft and the documents reader read), with
+# the most bytes it may unpack to (None: the artifact's budget; a safetensors file is also held to the
+# size its header declares). PEFT's save_pretrained writes a README.md model card beside its adapter.
+MEMBERS: dict[str, int | None] = {
+    MANIFEST_FILE: _JSON_BYTES, WEIGHTS_FILE: None, DOCUMENTS_FILE: None, VECTORS_FILE: None,
+    peft_import.CONFIG_FILE: _JSON_BYTES, peft_import.WEIGHTS_FILE: None, "README.md": _JSON_BYTES}
+# An artifact unpacks to at most UNPACK_RATIO times its own size (float weights hardly compress; a
+# bomb of zeros does), at least UNPACK_FLOOR, and never more than the registry's max_artifact_bytes.
+UNPACK_RATIO = 16
+UNPACK_FLOOR = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -62,14 +77,25 @@ class Registry:
 
     # --- reading -----------------------------------------------------------------------------
 
+    def unpack(self, data: bytes) -> dict[str, bytes]:
+        """The files of an artifact: only the MEMBERS, each within its cap, all within the unpack
+        budget (UNPACK_RATIO). Raises ArtifactError."""
+        budget = min(self.max_artifact_bytes, max(UNPACK_FLOOR, UNPACK_RATIO * len(data)))
+        return read_artifact(data, MEMBERS, max_bytes=budget)
+
     def check_all(self) -> None:
-        """At start: read every stored manifest; a corrupt artifact marks only its task unavailable."""
+        """At start, without unpacking: each current artifact must have the sha256 recorded at upload
+        and a valid manifest beside it (a version stored without one gets it written now, from its
+        artifact); otherwise only its task is unavailable."""
         for name in self.store.names():
             stored = self.store.get(name)
             try:
-                files = read_artifact(self.store.read(stored), max_bytes=self.max_artifact_bytes)
-                parse_manifest(files.get(MANIFEST_FILE, b"{}"))
-            except (ArtifactError, OSError) as e:
+                if not self.store.intact(stored):
+                    raise ArtifactError(f"the artifact on disk does not have its recorded sha256 {stored.sha256}")
+                if not stored.manifest_path.is_file():
+                    self.store.write_manifest(stored, self.unpack(self.store.read(stored))[MANIFEST_FILE])
+                parse_manifest(self.store.read_manifest(stored))
+            except (ArtifactError, OSError, KeyError) as e:
                 log.error("task %s v%d is unavailable: %s", name, stored.version, e)
                 self._broken[(name, stored.version)] = str(e)
 
@@ -83,9 +109,8 @@ class Registry:
         if module is not None:
             return module.manifest.model_dump()
         try:
-            files = read_artifact(self.store.read(stored), max_bytes=self.max_artifact_bytes)
-            return parse_manifest(files[MANIFEST_FILE]).model_dump()
-        except (ArtifactError, OSError, KeyError):
+            return parse_manifest(self.store.read_manifest(stored)).model_dump()
+        except (ArtifactError, OSError):
             return None
 
     def resolve(self, name: str) -> Resolved:
@@ -115,7 +140,7 @@ class Registry:
             except FileNotFoundError:  # replaced or deleted between get() and read(): look again
                 return self.resolve(name)
             try:
-                module = load_module(read_artifact(data, max_bytes=self.max_artifact_bytes), self.backbone)
+                module = load_module(self.unpack(data), self.backbone)
             except (ArtifactError, OSError) as e:
                 self._broken[key] = str(e)
                 raise Unavailable(f"task {name!r} v{stored.version} is unavailable: {e}",
@@ -126,15 +151,19 @@ class Registry:
 
     # --- writing -----------------------------------------------------------------------------
 
-    def validate(self, data: bytes) -> tuple[TaskModule, bytes]:
-        """Load an uploaded artifact without storing it: the module and the bytes to store (a PEFT
-        adapter is stored as the native module it converts to). Raises a ServiceError if invalid."""
+    def validate(self, data: bytes) -> tuple[TaskModule, bytes, bytes]:
+        """Load an uploaded artifact without storing it: the module, the bytes to store (a PEFT
+        adapter is stored as the native module it converts to) and their manifest. Raises a
+        ServiceError if invalid."""
         try:
-            files = read_artifact(data, max_bytes=self.max_artifact_bytes)
+            files = self.unpack(data)
             module = load_module(files, self.backbone)
+            if MANIFEST_FILE not in files:
+                data = module.to_artifact()
+                files = self.unpack(data)
         except ArtifactError as e:
             raise from_artifact_error(e) from e
-        return module, (data if MANIFEST_FILE in files else module.to_artifact())
+        return module, data, files[MANIFEST_FILE]
 
     @staticmethod
     def check_name(name: str) -> None:
@@ -142,14 +171,14 @@ class Registry:
         if name == BASE:
             raise Conflict("the task name 'base' is reserved for the backbone alone", code="reserved_name")
         if not valid_name(name):
-            raise Invalid(f"invalid task name {name!r}: must match ^[a-z0-9][a-z0-9._-]{{0,63}}$",
+            raise Invalid(f"invalid task name {name!r}: must match {NAME_PATTERN} in full",
                           code="invalid_name")
 
     def put(self, name: str, data: bytes) -> StoredModule:
         """Validate fully, then store atomically; a refused artifact leaves the store unchanged."""
         self.check_name(name)
-        module, data = self.validate(data)
-        stored = self.store.put(name, data, module.kind)
+        module, data, manifest = self.validate(data)
+        stored = self.store.put(name, data, module.kind, manifest)
         with self._lock:
             self._insert((name, stored.version), module)
         return stored

@@ -139,13 +139,13 @@ class Runtime:
         anything is stored, so a bad documents file refuses the whole upload."""
         import numpy as np
 
-        from modules.artifact import ArtifactError, read_artifact
+        from modules.artifact import ArtifactError
         from modules.retrieval import DOCUMENTS_FILE, VECTORS_FILE, read_vectors
         from service.documents import parse_jsonl
         from service.errors import from_artifact_error
 
         try:
-            files = read_artifact(data, max_bytes=self.registry.max_artifact_bytes)
+            files = self.registry.unpack(data)
         except ArtifactError as e:
             raise from_artifact_error(e) from e
         if DOCUMENTS_FILE not in files:

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"  # a task name matches it in full (re.fullmatch)
 
 
 MAX_INPUTS = 64  # texts in one request, on every API

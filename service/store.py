@@ -1,10 +1,11 @@
 """ModuleStore: module artifacts on disk, one folder per task, atomic versions.
 
-    <store>/<name>/v<N>.module   the artifact bytes of version N, as uploaded
-    <store>/<name>/current.json  {"version", "sha256", "size_bytes", "kind"}: which version serves
+    <store>/<name>/v<N>.module         the artifact bytes of version N, as uploaded
+    <store>/<name>/v<N>.manifest.json  its manifest (`module.json`), so listing tasks never unpacks artifacts
+    <store>/<name>/current.json        {"version", "sha256", "size_bytes", "kind"}: which version serves
 
-A put writes the artifact to a temporary file, fsyncs it, renames it into place, then replaces
-`current.json` the same way and fsyncs the folder. A crash at any moment leaves `current.json`
+A put writes the artifact and then its manifest each to a temporary file, fsyncs it, renames it
+into place, then replaces `current.json` the same way and fsyncs the folder. A crash at any moment leaves `current.json`
 pointing at a complete artifact (the old or the new one); leftovers are cleaned at the next start.
 A delete renames the folder away first, so it is atomic too.
 """
@@ -27,7 +28,7 @@ from service.schemas import NAME_PATTERN
 log = logging.getLogger("frozenlm.store")
 
 _NAME = re.compile(NAME_PATTERN)
-_VERSION_FILE = re.compile(r"^v(\d+)\.module$")
+_VERSION_FILE = re.compile(r"v(\d+)\.(?:module|manifest\.json)")
 CURRENT = "current.json"
 
 
@@ -40,9 +41,13 @@ class StoredModule:
     size_bytes: int
     path: Path
 
+    @property
+    def manifest_path(self) -> Path:
+        return self.path.with_name(f"v{self.version}.manifest.json")
+
 
 def valid_name(name: str) -> bool:
-    return bool(_NAME.match(name))
+    return _NAME.fullmatch(name) is not None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -82,7 +87,7 @@ class ModuleStore:
                         f.unlink(missing_ok=True)
                 cur = self._read_current(p)
                 for f in p.iterdir():  # versions written but never made current
-                    m = _VERSION_FILE.match(f.name)
+                    m = _VERSION_FILE.fullmatch(f.name)
                     if m and (cur is None or int(m.group(1)) != cur.get("version")):
                         f.unlink(missing_ok=True)
                 if cur is None and not any(p.iterdir()):
@@ -113,25 +118,45 @@ class ModuleStore:
     def read(self, stored: StoredModule) -> bytes:
         return stored.path.read_bytes()
 
-    def put(self, name: str, data: bytes, kind: str) -> StoredModule:
-        """Store `data` as the next version of `name` and make it current, atomically."""
+    def intact(self, stored: StoredModule) -> bool:
+        """Whether the artifact's bytes still have the sha256 recorded at upload (read in chunks)."""
+        h = hashlib.sha256()
+        with open(stored.path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest() == stored.sha256
+
+    def read_manifest(self, stored: StoredModule) -> bytes:
+        return stored.manifest_path.read_bytes()
+
+    def write_manifest(self, stored: StoredModule, manifest: bytes) -> None:
+        """Write the manifest of a version stored without one."""
+        _write_atomic(stored.manifest_path, manifest)
+
+    def put(self, name: str, data: bytes, kind: str, manifest: bytes | None = None) -> StoredModule:
+        """Store `data` (and its `manifest`) as the next version of `name` and make it current,
+        atomically. Without a manifest the version is stored as before manifests were kept beside
+        artifacts (the registry writes it at the next start)."""
         if not valid_name(name):
             raise ValueError(f"invalid task name {name!r}")
         with self._lock:
             folder = self.root / name
             folder.mkdir(exist_ok=True)
             old = self.get(name)
-            existing = [int(m.group(1)) for f in folder.iterdir() if (m := _VERSION_FILE.match(f.name))]
+            existing = [int(m.group(1)) for f in folder.iterdir() if (m := _VERSION_FILE.fullmatch(f.name))]
             version = max(existing + [old.version if old else 0]) + 1
             sha = hashlib.sha256(data).hexdigest()
-            path = folder / f"v{version}.module"
-            _write_atomic(path, data)
+            stored = StoredModule(name, version, kind, sha, len(data), folder / f"v{version}.module")
+            _write_atomic(stored.path, data)
+            if manifest is not None:
+                _write_atomic(stored.manifest_path, manifest)
             meta = {"version": version, "kind": kind, "sha256": sha, "size_bytes": len(data)}
             _write_atomic(folder / CURRENT, json.dumps(meta).encode())
             _fsync_dir(folder)
-            if old is not None and old.path != path:
-                old.path.unlink(missing_ok=True)  # in-flight requests hold the loaded module, not the file
-            return StoredModule(name, version, kind, sha, len(data), path)
+            if old is not None:  # in-flight requests hold the loaded module, not the files
+                old.path.unlink(missing_ok=True)
+                old.manifest_path.unlink(missing_ok=True)
+            return stored
 
     def delete(self, name: str) -> bool:
         if not valid_name(name):

@@ -42,6 +42,34 @@ def test_an_interrupted_put_leaves_the_old_version_serving(tmp_path):
     assert store.put("t", b"newer", "prompt").version == 2
 
 
+def test_each_version_keeps_its_manifest_beside_its_artifact(tmp_path):
+    store = ModuleStore(tmp_path)
+    store.put("t", b"one", "prompt", b'{"v": 1}')
+    two = store.put("t", b"two", "prompt", b'{"v": 2}')
+    assert store.read_manifest(store.get("t")) == b'{"v": 2}' and two.manifest_path.name == "v2.manifest.json"
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["current.json", "v2.manifest.json", "v2.module"]
+    (tmp_path / "t" / "v3.manifest.json").write_text("{}")  # a put interrupted before current.json
+    (tmp_path / "t" / ".v3.manifest.json.abc.tmp").write_text("{")
+    store = ModuleStore(tmp_path)  # restart
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["current.json", "v2.manifest.json", "v2.module"]
+
+
+def test_a_version_stored_without_a_manifest_gets_one(tmp_path):
+    store = ModuleStore(tmp_path)
+    stored = store.put("t", b"old", "prompt")
+    assert not stored.manifest_path.exists()
+    store.write_manifest(stored, b"{}")
+    assert store.read_manifest(store.get("t")) == b"{}"
+
+
+def test_intact_compares_the_artifact_with_its_recorded_sha256(tmp_path):
+    store = ModuleStore(tmp_path)
+    stored = store.put("t", b"abc", "prompt")
+    assert store.intact(stored)
+    stored.path.write_bytes(b"abd")
+    assert not store.intact(stored)
+
+
 def test_current_json_records_what_serves(tmp_path):
     store = ModuleStore(tmp_path)
     s = store.put("t", b"abc", "prompt")
@@ -52,7 +80,7 @@ def test_current_json_records_what_serves(tmp_path):
 def test_names():
     for ok in ["a", "sst2", "my-task_1.v2", "0" * 64]:
         assert valid_name(ok), ok
-    for bad in ["", "A", "-x", ".x", "a/b", "..", "a b", "0" * 65, "é"]:
+    for bad in ["", "A", "-x", ".x", "a/b", "..", "a b", "0" * 65, "é", "base\n", "sst2\n", "a\r\n"]:
         assert not valid_name(bad), bad
 
 
@@ -68,3 +96,22 @@ def test_names_never_become_paths_outside_the_store(tmp_path):
     else:
         raise AssertionError("put accepted '..'")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current.json", "store"]
+
+
+def test_at_start_the_registry_checks_sha256_and_writes_missing_manifests_without_loading(tmp_path, tiny):
+    from modules.artifact import read_artifact
+    from modules.base import kind_class
+    from service.registry import Registry
+
+    blob = kind_class("prompt").new(tiny, {"num_virtual_tokens": 2}, template="{input}").to_artifact()
+    store = ModuleStore(tmp_path)
+    old = store.put("old", blob, "prompt")  # stored before manifests were kept beside artifacts
+    bad = store.put("bad", blob, "prompt", read_artifact(blob)["module.json"])
+    bad.path.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+    registry = Registry(store, tiny)
+    registry.check_all()
+    assert store.read_manifest(old) == read_artifact(blob)["module.json"]
+    assert registry.status(old) == ("ready", None) and registry.loaded_count == 0
+    status, error = registry.status(bad)
+    assert status == "unavailable" and "sha256" in error
+    assert registry.manifest(bad)["kind"] == "prompt"
