@@ -235,3 +235,16 @@ def test_a_folder_of_named_files_is_accepted(srv, tiny_served):
     r = httpx.put(srv.url + "/tasks/folder", content=_zip({f"m/{n}": b for n, b in files.items()}), timeout=60)
     assert r.status_code == 201, r.text
     assert httpx.delete(srv.url + "/tasks/folder").status_code == 204
+
+
+# --- the earlier hostile corpus (tests/test_api.py), now against a real server --------------------
+
+@pytest.mark.parametrize("kind,status,code", [
+    ("dotdot", 422, "invalid_artifact"), ("absolute", 422, "invalid_artifact"), ("zip_link", 422, "invalid_artifact"),
+    ("tar_link", 422, "invalid_artifact"), ("tar_device", 422, "invalid_artifact"),
+    ("too_many_files", 422, "invalid_artifact"), ("zip_bomb", 413, "artifact_too_large"),
+    ("pickle_only", 422, "invalid_artifact"), ("no_manifest", 422, "invalid_artifact")])
+def test_the_earlier_hostile_corpus_is_refused(srv, tiny_served, kind, status, code):
+    from tests.test_api import _hostile
+
+    assert _refused(srv, "t", _hostile(kind, tiny_served[1]), status, code) < 100
