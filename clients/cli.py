@@ -79,7 +79,7 @@ def cmd_delete(args) -> int:
 def cmd_infer(args) -> int:
     params = {k: v for k, v in {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                                 "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
-                                "stop": args.stop}.items() if v is not None}
+                                "stop": args.stop, "choices": args.choice}.items() if v is not None}
     with _client(args) as c:
         res = c.infer(args.name, args.text, **params)
     if args.json:
@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int)
     s.add_argument("--seed", type=int)
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.add_argument("--choice", action="append",
+                   help="an answer choice, scored as a continuation (repeatable; rank classification)")
     s.add_argument("--json", action="store_true", help="print the whole response")
     s.set_defaults(func=cmd_infer)
 

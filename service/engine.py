@@ -134,33 +134,40 @@ def score_jobs(backbone, pairs: list) -> list:
     """Each classification (job, prepared row)'s Scored (or RowError): rows whose labels are all
     one token in one pass, the others in another (one row per label), as `label_cost` counts them."""
     results: dict[int, object] = {}
-    one_pass = [k for k, (j, _) in enumerate(pairs) if one_token_labels(j.module)]
+    labels = [job_labels(j) for j, _ in pairs]
+    one_pass = [k for k in range(len(pairs)) if one_token(labels[k].values())]
     for group in (one_pass, [k for k in range(len(pairs)) if k not in one_pass]):
         if group:
-            items = [ScoreItem(pairs[k][1].ids, pairs[k][1].contribution, pairs[k][0].module.label_ids) for k in group]
+            items = [ScoreItem(pairs[k][1].ids, pairs[k][1].contribution, list(labels[k].values())) for k in group]
             for k, ll in zip(group, score(backbone, items)):
-                results[k] = _scored(pairs[k][0].module, ll)
+                results[k] = _scored(list(labels[k]), ll)
     return [results[k] for k in range(len(pairs))]
 
 
-def one_token_labels(module) -> bool:
-    return all(len(c) == 1 for c in module.label_ids)
+def job_labels(job: Job) -> dict[str, list[int]]:
+    """What a scoring job chooses between: the request's choices, else its task's labels."""
+    if job.labels is not None:
+        return job.labels
+    return dict(zip(job.module.manifest.labels, job.module.label_ids))
 
 
-def label_cost(module, length: int) -> int:
+def one_token(continuations) -> bool:
+    return all(len(c) == 1 for c in continuations)
+
+
+def label_cost(continuations: list[list[int]], length: int) -> int:
     """Tokens a classification row of pass length `length` puts through the backbone: one row when
     every label is one token (read the next-token distribution), else one row per label with the
     label appended (decode.score)."""
-    if one_token_labels(module):
+    if one_token(continuations):
         return length
-    return sum(length + len(c) for c in module.label_ids)
+    return sum(length + len(c) for c in continuations)
 
 
-def _scored(module, ll: torch.Tensor) -> Scored | RowError:
+def _scored(names: list[str], ll: torch.Tensor) -> Scored | RowError:
     """The label and label probabilities from each label's log-likelihood, (K,)."""
     if not torch.isfinite(ll).all():
         return RowError("the task's module produced non-finite label scores")
-    names = list(module.manifest.labels)
     probs = torch.softmax(ll.float(), -1).tolist()
     return Scored(names[int(ll.argmax())], dict(zip(names, probs)))
 

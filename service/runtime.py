@@ -213,6 +213,7 @@ class Runtime:
             raise Invalid(f"max_new_tokens {p.max_new_tokens} is above the limit {s.max_new_tokens}",
                           code="limit_exceeded")
         max_new = p.max_new_tokens or min(gen.max_new_tokens, s.max_new_tokens)
+        labels = self._choices(module, p.choices) if p.choices else None
         jobs = []
         for one in inputs:
             ids = module.encode(one)
@@ -220,8 +221,9 @@ class Runtime:
             if length > s.max_input_tokens:
                 raise TooLarge(f"input is {len(ids)} tokens and makes a pass of {length}; "
                                f"the limit is {s.max_input_tokens}", code="input_too_long")
-            if module.manifest.labels:
-                sampling, cost = None, label_cost(module, length)
+            if labels or module.manifest.labels:
+                sampling = None
+                cost = label_cost(list(labels.values()) if labels else module.label_ids, length)
             else:
                 sampling = Sampling(
                     max_new_tokens=max_new,
@@ -231,8 +233,23 @@ class Runtime:
                     seed=p.seed,
                     stop=p.stop if p.stop is not None else gen.stop)
                 cost = length + max_new
-            jobs.append(Job(module, ids, sampling, cost + module.probe_tokens(len(ids)), on_text=on_text, task=task))
+            jobs.append(Job(module, ids, sampling, cost + module.probe_tokens(len(ids)), on_text=on_text, task=task,
+                            labels=labels))
         return jobs
+
+    @staticmethod
+    def _choices(module, choices: list[str]) -> dict[str, list[int]]:
+        """A request's answer choices as continuation token ids, each within a label's length cap."""
+        from modules.base import MAX_LABEL_TOKENS
+
+        out = {}
+        for c in choices:
+            ids = module.tokenizer(c, add_special_tokens=False)["input_ids"]
+            if not 1 <= len(ids) <= MAX_LABEL_TOKENS:
+                raise Invalid(f"choice {c!r} is {len(ids)} tokens; a choice is 1 to {MAX_LABEL_TOKENS}",
+                              code="invalid_choices")
+            out[c] = ids
+        return out
 
     def _run(self, jobs: list[Job], disconnected=None):
         """Queue the jobs now (413 or 429 raise here, before a stream starts) and return the

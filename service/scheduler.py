@@ -25,6 +25,7 @@ class Job:
     sampling: object | None      # modules.decode.Sampling; None = score the module's labels
     cost: int                    # tokens this job puts through the backbone (its share of a batch's budget)
     task: str = ""               # the task's name (metrics)
+    labels: dict | None = None   # scoring: {name: continuation ids} (a request's choices); None = the module's labels
     on_text: object | None = None
     work: object | None = None   # callable run with the backbone lock held, in place of a row
     future: Future = field(default_factory=Future)

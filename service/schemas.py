@@ -6,6 +6,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from modules.base import MAX_LABELS
+
 NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"  # a task name matches it in full (re.fullmatch)
 
 
@@ -41,12 +43,24 @@ class InferParameters(_Strict):
     top_k: int | None = Field(None, ge=0, le=100000, description="0 means no top-k filtering.")
     stop: list[Text] | None = Field(None, max_length=16, description="Stop strings (not included in the text).")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling; same seed, same text.")
+    choices: list[Text] | None = Field(
+        None, min_length=2, max_length=MAX_LABELS,
+        description="Answer choices (rank classification): each is scored as a continuation of the input, exactly "
+                    "as given, as a task's labels are; the output's label is the most likely one and scores their "
+                    "probabilities. Overrides a task's labels.")
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
         if v is not None and any(not s or len(s) > 256 for s in v):
             raise ValueError("stop strings must be 1 to 256 characters")
+        return v
+
+    @field_validator("choices")
+    @classmethod
+    def _choices(cls, v):
+        if v is not None and (any(not c or len(c) > 256 for c in v) or len(set(v)) < len(v)):
+            raise ValueError("choices must be distinct strings of 1 to 256 characters")
         return v
 
 

@@ -354,3 +354,20 @@ def test_empty_env_values_mean_unset(monkeypatch, tmp_path):
     monkeypatch.setenv("FROZENLM_PINNED", "")
     s = Settings()
     assert s.api_keys_file is None and s.pinned == []
+
+
+def test_choices_answer_with_a_label_and_scores(app_client, tiny):
+    """`parameters.choices` on a generation task (base) and on a classification task (its labels
+    overridden); bad choices are 422 and nothing runs."""
+    assert app_client.put("/tasks/cls", content=_artifact(tiny, LABELS), headers=ADMIN).status_code == 201
+    for task in ("base", "cls"):
+        r = app_client.post(f"/tasks/{task}/infer", json={"inputs": ["a", "bb"], "parameters": {"choices": [" x", " yz"]}})
+        assert r.status_code == 200, r.text
+        for out in r.json()["outputs"]:
+            assert out["finish_reason"] == "label" and out["label"] in (" x", " yz")
+            assert set(out["scores"]) == {" x", " yz"} and abs(sum(out["scores"].values()) - 1) < 1e-5
+    for choices, code in (([" x"], "invalid_request"), ([" x", " x"], "invalid_request"),
+                          ([f" c{i}" for i in range(33)], "invalid_request"), ([" x", ""], "invalid_request"),
+                          ([" x", "word " * 20], "invalid_choices")):
+        r = app_client.post("/tasks/base/infer", json={"inputs": "a", "parameters": {"choices": choices}})
+        assert r.status_code == 422 and r.json()["error"]["code"] == code, r.text

@@ -102,6 +102,9 @@ def test_cli_talks_to_a_server(tiny_served, tmp_path, capsys):
         assert cli(["--url", url, "tasks"]) == 0 and "cls" in capsys.readouterr().out
         assert cli(["--url", url, "infer", "cls", "hello"]) == 0
         assert capsys.readouterr().out.split("\t")[0] in ("a", "b")
+        assert cli(["--url", url, "infer", "base", "hello", "--choice", " yes", "--choice", " no"]) == 0
+        label, scores = capsys.readouterr().out.split("\t")
+        assert label in (" yes", " no") and " yes=" in scores and " no=" in scores
         assert cli(["--url", url, "backbone"]) == 0 and bb.info.fingerprint in capsys.readouterr().out
         assert cli(["--url", url, "health"]) == 0 and capsys.readouterr().out.strip() == "ready"
         assert cli(["--url", url, "metrics"]) == 0 and "frozenlm_requests_total" in capsys.readouterr().out

@@ -142,3 +142,36 @@ def test_step_metrics_time_to_first_token_and_between_tokens(tiny):
     assert sample("frozenlm_time_to_first_token_seconds_count") == 3
     assert sample("frozenlm_inter_token_seconds_count") == 3 * 4  # tokens 2..5 of each row
     assert metrics.REGISTRY.get_sample_value("frozenlm_running_rows") == 0
+
+
+# --- per-request answer choices (rank classification) ---------------------------------------------
+
+def test_choices_are_scored_like_labels_in_a_mixed_batch(tiny):
+    """A request's own choices, on a generation task and on a classification task (overriding its
+    labels), scored in one batch with generation rows: each equals its row scored alone, and the
+    scores are the softmax of the continuations' log-likelihoods."""
+    import torch
+
+    from modules.decode import ScoreItem, score
+    from service.engine import job_labels
+
+    base, scorer = NoModule(tiny), _prompt(tiny, 2, labels={"yes": " yes", "no": " nope"})
+    tok = lambda s: tiny.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    one = {" A": tok(" A")[:1], " B": tok(" B")[:1]}
+    many = {c: tok(c) for c in (" Sports", " World politics", " Science and technology")}
+    makers = [lambda: Job(base, base.encode("which one?"), None, 0, labels=one),
+              lambda: Job(scorer, scorer.encode("is it?"), None, 0, labels=many),
+              lambda: _job(scorer, "is it?", None),
+              lambda: _job(base, "hello", Sampling(max_new_tokens=6))]
+    alone = [_alone(tiny, make) for make in makers]
+    jobs = [make() for make in makers]
+    Engine(tiny, Scheduler()).run(jobs)
+    for a, j in zip(alone, jobs):
+        assert _same(_outcome(j), a)
+    got = _outcome(jobs[1])
+    assert set(got.scores) == set(many) and got.label in many
+    with torch.inference_mode():
+        ll = score(tiny, [ScoreItem(jobs[1].ids, scorer.contribution(jobs[1].ids), list(many.values()))])[0]
+    want = torch.softmax(ll, -1).tolist()
+    assert all(abs(got.scores[c] - w) < 1e-5 for c, w in zip(many, want))
+    assert job_labels(jobs[2]) == dict(zip(scorer.manifest.labels, scorer.label_ids))  # no choices: the task's labels
