@@ -248,6 +248,11 @@ class RunningBatch:
         rows into a new buffer only when they do not fit, or when most slots or columns are dead."""
         live = [s for s, r in enumerate(self.rows) if r is not None]
         needed, cols = len(live) + rows, self.mask.shape[1]
+        if not live and needed <= len(self.rows) and width < cols:  # nothing to keep: reuse the buffer as is
+            self.n = width
+            self.mask.zero_()
+            self.mask[:, max(width - 1, 0)] = 1  # free slots attend one column: finite, ignored
+            return
         start = int(self.mask[live].any(0).nonzero().min()) if live else self.n  # the first column in use
         fits = needed <= len(self.rows) and width <= self.n and self.n < cols
         wasteful = (len(self.rows) > _MIN_SLOTS and 4 * needed <= len(self.rows)) or start > cols // 2

@@ -23,7 +23,7 @@ from modules.decode import GenItem
 from modules.prefix_cache import PrefixCache, content_key
 from modules.running import RunningBatch
 from modules.stages import prepare
-from service.engine import Engine, _fix_seed, _Once, score_jobs
+from service.engine import Engine, score_jobs
 from service.scheduler import Job
 
 log = logging.getLogger("frozenlm.engine")
@@ -67,15 +67,7 @@ class ContinuousEngine(Engine):
                 self._step()
 
     def _admit(self, jobs: list[Job]) -> None:
-        runnable = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # skip cancelled requests
-        if self.on_cancel and len(runnable) < len(jobs):
-            self.on_cancel(len(jobs) - len(runnable))
-        start = time.monotonic()
-        for j in runnable:
-            j.started = start
-            _fix_seed(j)
-            if j.on_text is not None:
-                j.on_text = _Once(j.on_text)
+        runnable = self._start(jobs)
         self._answer([(j, self._own_pass(j)) for j in runnable if j.work is not None])
         runnable = [j for j in runnable if j.work is None]
         if not runnable:

@@ -56,19 +56,24 @@ class Engine:
                 continue
             self.run(jobs)
 
-    def run(self, jobs: list[Job]) -> None:
-        runnable = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # skip cancelled requests
+    def _start(self, jobs: list[Job]) -> list[Job]:
+        """The jobs whose requests still wait (cancelled ones are skipped and counted), marked started."""
+        runnable = [j for j in jobs if j.future.set_running_or_notify_cancel()]
         if self.on_cancel and len(runnable) < len(jobs):
             self.on_cancel(len(jobs) - len(runnable))
-        jobs = runnable
-        if not jobs:
-            return
         start = time.monotonic()
-        for j in jobs:
+        for j in runnable:
             j.started = start
             _fix_seed(j)
             if j.on_text is not None:
                 j.on_text = _Once(j.on_text)
+        return runnable
+
+    def run(self, jobs: list[Job]) -> None:
+        jobs = self._start(jobs)
+        if not jobs:
+            return
+        start = time.monotonic()
         rows = [j for j in jobs if j.work is None]
         done = dict(zip(rows, self._isolated(rows))) if rows else {}
         done.update((j, self._own_pass(j)) for j in jobs if j.work is not None)
