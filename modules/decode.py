@@ -23,24 +23,27 @@ class ScoreItem:
     continuations: list[list[int]]  # token ids of each label's verbalizer
 
 
-def score(backbone, items: list[ScoreItem]) -> list[torch.Tensor]:
+def score(backbone, items: list[ScoreItem], on_pass=None) -> list[torch.Tensor]:
     """Log-likelihood of each continuation after each item's row: one (K,) tensor per item.
 
     When every continuation is one token, one row per item is enough (read the next-token
-    distribution); otherwise each (row, continuation) pair becomes its own row."""
+    distribution); otherwise each (row, continuation) pair becomes its own row. `on_pass(mask,
+    cache, rows)`, if given, sees the pass's keys/values: `rows[k]` is a pass row that begins
+    with item k's row (the prefix cache keeps their leading blocks)."""
     if all(len(c) == 1 for it in items for c in it.continuations):
         p = build_pass(backbone, [Row(it.ids, it.contribution) for it in items])
-        hidden = backbone.forward(p.embeds, p.mask, p.positions, p.cache, p.deltas)[:, -1]  # (N, H)
+        hidden = _forward(backbone, p, on_pass, list(range(len(items))))[:, -1]         # (N, H)
         logp = torch.log_softmax(backbone.logits(hidden), dim=-1)                    # (N, V)
         return [logp[n, [c[0] for c in it.continuations]] for n, it in enumerate(items)]
 
-    rows, targets = [], []
+    rows, targets, first = [], [], []
     for it in items:
+        first.append(len(rows))
         for cont in it.continuations:
             rows.append(Row(it.ids + cont, it.contribution))
             targets.append(cont)
     p = build_pass(backbone, rows)
-    hidden = backbone.forward(p.embeds, p.mask, p.positions, p.cache, p.deltas)      # (R, L, H)
+    hidden = _forward(backbone, p, on_pass, first)                                   # (R, L, H)
     C = max(len(t) for t in targets)
     # Logits at position j predict token j+1: the last C+1 positions cover every continuation.
     logp = torch.log_softmax(backbone.logits(hidden[:, -C - 1:-1]), dim=-1)          # (R, C, V)
@@ -53,6 +56,16 @@ def score(backbone, items: list[ScoreItem]) -> list[torch.Tensor]:
         out.append(torch.stack(lls[k:k + len(it.continuations)]))
         k += len(it.continuations)
     return out
+
+
+def _forward(backbone, p, on_pass, rows: list[int]) -> torch.Tensor:
+    """The pass's last hidden states; with `on_pass`, kept keys/values shown to it."""
+    if on_pass is None:
+        return backbone.forward(p.embeds, p.mask, p.positions, p.cache, p.deltas)
+    cache = p.cache if p.cache is not None else backbone.new_cache()
+    hidden = backbone.forward(p.embeds, p.mask, p.positions, cache, p.deltas)
+    on_pass(p.mask, cache, rows)
+    return hidden
 
 
 @dataclass

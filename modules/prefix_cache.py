@@ -49,6 +49,13 @@ def content_key(module) -> str | None:
     return key
 
 
+def row_kv(mask: torch.Tensor, cache, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row b's keys/values in a pass's cache, its real positions in order. 2 x (N, kvh, P, hd)"""
+    cols = mask[b].nonzero().squeeze(1)
+    return (torch.stack([layer.keys[b][:, cols] for layer in cache.layers]),
+            torch.stack([layer.values[b][:, cols] for layer in cache.layers]))
+
+
 def _blocks(ids: list[int]) -> int:
     """Whole blocks of `ids` that may be cached: the last id is always computed (its logits are needed)."""
     return (len(ids) - 1) // BLOCK

@@ -39,7 +39,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from modules.batch import Contribution, DeltaPlan, Row, build_pass
 from modules.decode import Generated, GenItem, RowError, _pick, _RowState
-from modules.prefix_cache import PrefixCache
+from modules.prefix_cache import PrefixCache, row_kv
 
 log = logging.getLogger("frozenlm.running")
 
@@ -207,9 +207,7 @@ class RunningBatch:
         logits = bb.logits(hidden[:, -1])                                                # (b, V)
         ready = []
         for b, (w, n) in enumerate(chunks):
-            cols = p.mask[b].nonzero().squeeze(1)  # the row's keys/values so far, in order
-            w.kv = (torch.stack([layer.keys[b][:, cols] for layer in cache.layers]),       # (N, kvh, P, hd)
-                    torch.stack([layer.values[b][:, cols] for layer in cache.layers]))
+            w.kv = row_kv(p.mask, cache, b)  # the row's keys/values so far
             w.done += n
             if w.done == len(w.state.item.ids):
                 ready.append((w, logits[b]))

@@ -90,7 +90,7 @@ class ContinuousEngine(Engine):
         if not pairs:
             return
         try:
-            results = score_jobs(self.backbone, pairs)
+            results = score_jobs(self.backbone, pairs, self.batch.prefix_cache)
         except Exception as e:  # noqa: BLE001 - only the rows that fail alone fail
             if len(pairs) == 1:
                 log.exception("a row of task kind %s failed", pairs[0][0].module.kind)

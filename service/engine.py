@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from modules.backbone import Backbone
+from modules.batch import Contribution
 from modules.decode import GenItem, RowError, ScoreItem, score
+from modules.prefix_cache import PrefixCache, content_key, row_kv
 from modules.running import generate
 from modules.stages import prepare
 from service.scheduler import Job, Scheduler
@@ -135,17 +137,32 @@ class Engine:
         return results
 
 
-def score_jobs(backbone, pairs: list) -> list:
+def score_jobs(backbone, pairs: list, prefix_cache: PrefixCache | None = None) -> list:
     """Each classification (job, prepared row)'s Scored (or RowError): rows whose labels are all
-    one token in one pass, the others in another (one row per label), as `label_cost` counts them."""
+    one token in one pass, the others in another (one row per label), as `label_cost` counts them.
+    With a prefix cache, a row starts from its cached leading blocks and leaves its own there."""
     results: dict[int, object] = {}
     labels = [job_labels(j) for j, _ in pairs]
+    keys = [content_key(j.module) if prefix_cache is not None else None for j, _ in pairs]
     one_pass = [k for k in range(len(pairs)) if one_token(labels[k].values())]
     for group in (one_pass, [k for k in range(len(pairs)) if k not in one_pass]):
-        if group:
-            items = [ScoreItem(pairs[k][1].ids, pairs[k][1].contribution, list(labels[k].values())) for k in group]
-            for k, ll in zip(group, score(backbone, items)):
-                results[k] = _scored(list(labels[k]), ll)
+        if not group:
+            continue
+        items = []
+        for k in group:
+            row = pairs[k][1]
+            h, kv = prefix_cache.lookup(keys[k], row.ids) if keys[k] else (0, None)
+            c = row.contribution if kv is None else Contribution(prefix=kv, linear=row.contribution.linear)
+            items.append(ScoreItem(row.ids[h:], c, list(labels[k].values())))
+
+        def remember(mask, cache, rows, group=group):
+            for k, b in zip(group, rows):
+                if keys[k]:
+                    c = pairs[k][1].contribution
+                    prefix_cache.insert(keys[k], pairs[k][1].ids, *row_kv(mask, cache, b),
+                                        c.prefix_length + c.num_virtual_tokens)
+        for k, ll in zip(group, score(backbone, items, on_pass=remember if prefix_cache is not None else None)):
+            results[k] = _scored(list(labels[k]), ll)
     return [results[k] for k in range(len(pairs))]
 
 

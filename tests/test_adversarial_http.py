@@ -216,3 +216,40 @@ def test_a_document_with_a_lone_surrogate_is_422(srv):
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_document", r.text
 
     _refused_unchanged(srv, attack)
+
+
+# --- the earlier bad-request corpus (tests/test_api.py), and defect 1, against a real server --------
+
+@pytest.mark.parametrize("body,status", [
+    ({"inputz": "x"}, 422), ({"inputs": 5}, 422), ({"inputs": []}, 422),
+    ({"inputs": "x", "parameters": {"temperature": -1}}, 422),
+    ({"inputs": "x", "parameters": {"max_new_tokens": 100000}}, 422),
+    ({"inputs": "x", "parameters": {"unknown": 1}}, 422),
+    ({"inputs": "word " * 3000}, 413),
+    ({"inputs": ["a", "b"], "stream": True}, 422),
+    ({"inputs": "x", "parameters": {"choices": [" a"]}}, 422),
+])
+def test_the_earlier_bad_requests_are_refused(srv, body, status):
+    def attack():
+        r = httpx.post(srv.url + "/tasks/kb/infer", json=body, headers=ADMIN, timeout=60)
+        assert r.status_code == status, r.text
+
+    _refused_unchanged(srv, attack)
+
+
+def test_a_tiny_temperature_beside_other_rows_fails_nobody(srv):
+    """Defect 1: temperature 1e-300 on /infer and /v1/completions, concurrent with greedy and
+    classification requests: every request is answered 200."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = [("/tasks/kb/infer", {"inputs": "hi", "parameters": {"temperature": 1e-300, "max_new_tokens": 3}}),
+             ("/v1/completions", {"model": "kb", "prompt": "hi", "temperature": 1e-300, "max_tokens": 3}),
+             ("/tasks/kb/infer", {"inputs": "hello", "parameters": {"max_new_tokens": 3}}),
+             ("/tasks/sst2/infer", {"inputs": "a fine film"})] * 3
+
+    def attack():
+        with ThreadPoolExecutor(len(calls)) as pool:
+            answers = list(pool.map(lambda c: httpx.post(srv.url + c[0], json=c[1], headers=ADMIN, timeout=60), calls))
+        assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
+
+    _refused_unchanged(srv, attack)

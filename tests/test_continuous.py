@@ -175,3 +175,30 @@ def test_choices_are_scored_like_labels_in_a_mixed_batch(tiny):
     want = torch.softmax(ll, -1).tolist()
     assert all(abs(got.scores[c] - w) < 1e-5 for c, w in zip(many, want))
     assert job_labels(jobs[2]) == dict(zip(scorer.manifest.labels, scorer.label_ids))  # no choices: the task's labels
+
+
+def test_a_prefix_cache_hit_gives_the_label_scores_of_a_miss(tiny):
+    """Scoring rows (one-token and multi-token labels, several kinds) sharing a long template head:
+    the first wave fills the prefix cache, the second starts from it; scores within 1e-4 of the
+    same rows scored with no cache."""
+    import torch
+
+    from modules.prefix_cache import PrefixCache
+    from modules.stages import prepare
+    from service.engine import score_jobs
+    from tests.test_running import HEAD
+
+    mods = [m for m in _modules(tiny) if not m.probes]
+    tok = lambda s: tiny.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    for labels in ({"a": tok(" a")[:1], "b": tok(" b")[:1]}, {c: tok(c) for c in (" yes", " no way")}):
+        cache = PrefixCache(100_000)
+        for wave, texts in enumerate((["one", "and two"], ["one", "three, four"])):
+            jobs = [Job(m, m.encode(HEAD + t), None, 0, labels=labels) for m in mods for t in texts]
+            with torch.inference_mode():
+                rows = prepare(tiny, [(j.module, j.ids) for j in jobs])
+                hits = cache.hits
+                cached = score_jobs(tiny, list(zip(jobs, rows)), cache)
+                plain = score_jobs(tiny, list(zip(jobs, rows)))
+            assert cache.hits - hits == (len(jobs) if wave else 0)
+            for a, b in zip(cached, plain):
+                assert a.label == b.label and all(abs(a.scores[k] - b.scores[k]) < 1e-4 for k in a.scores)
