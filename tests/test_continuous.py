@@ -157,7 +157,8 @@ def test_choices_are_scored_like_labels_in_a_mixed_batch(tiny):
 
     base, scorer = NoModule(tiny), _prompt(tiny, 2, labels={"yes": " yes", "no": " nope"})
     tok = lambda s: tiny.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    one = {" A": tok(" A")[:1], " B": tok(" B")[:1]}
+    one = {"A": tok("A")[:1], "B": tok("B")[:1]}
+    assert one["A"] != one["B"]
     many = {c: tok(c) for c in (" Sports", " World politics", " Science and technology")}
     makers = [lambda: Job(base, base.encode("which one?"), None, 0, labels=one),
               lambda: Job(scorer, scorer.encode("is it?"), None, 0, labels=many),
@@ -190,7 +191,8 @@ def test_a_prefix_cache_hit_gives_the_label_scores_of_a_miss(tiny):
 
     mods = [m for m in _modules(tiny) if not m.probes]
     tok = lambda s: tiny.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    for labels in ({"a": tok(" a")[:1], "b": tok(" b")[:1]}, {c: tok(c) for c in (" yes", " no way")}):
+    for labels in ({"a": tok("a")[:1], "b": tok("b")[:1]}, {c: tok(c) for c in (" yes", " yet")}):
+        assert len({tuple(c) for c in labels.values()}) == 2
         cache = PrefixCache(100_000)
         for wave, texts in enumerate((["one", "and two"], ["one", "three, four"])):
             jobs = [Job(m, m.encode(HEAD + t), None, 0, labels=labels) for m in mods for t in texts]
@@ -202,3 +204,4 @@ def test_a_prefix_cache_hit_gives_the_label_scores_of_a_miss(tiny):
             assert cache.hits - hits == (len(jobs) if wave else 0)
             for a, b in zip(cached, plain):
                 assert a.label == b.label and all(abs(a.scores[k] - b.scores[k]) < 1e-4 for k in a.scores)
+            assert len({round(s.scores[s.label], 3) for s in plain}) > len(plain) // 2  # the rows really differ
