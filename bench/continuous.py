@@ -141,8 +141,9 @@ def summary(timed: list[tuple[dict, Timed]], idle_short_p50: float) -> dict:
 
 
 def idle_latency(bb, requests: list[dict], modules: dict) -> float:
-    """Median latency of the short requests, sent one at a time to an idle continuous engine."""
-    engine = ContinuousEngine(bb, Scheduler(), prefix_cache_tokens=0)
+    """Median latency of the short requests, sent one at a time to an idle continuous engine (its
+    default settings, the prefix cache on, as under load)."""
+    engine = ContinuousEngine(bb, Scheduler())
     engine.start()
     lat = []
     try:
