@@ -103,6 +103,16 @@ class GenerationDefaults(_Strict):
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
 
 
+class LabelScoring(_Strict):
+    """How a classification task turns its labels' log-likelihoods into probabilities."""
+
+    calibrate: bool = Field(False, description="Contextual calibration (Zhao et al. 2021): divide each label's "
+                                               "probability by its probability on content-free inputs (\"N/A\", "
+                                               "\"\", \"[MASK]\"), computed once per loaded module.")
+    length_normalize: bool = Field(False, description="Score each verbalizer by its mean token log-likelihood "
+                                                      "instead of the sum (multi-token verbalizers).")
+
+
 class Manifest(_Strict):
     """`module.json`: what a module is, what it was made for, how to call it."""
 
@@ -115,6 +125,7 @@ class Manifest(_Strict):
     generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
     labels: dict[str, str] | None = Field(
         None, description="Classification: label -> verbalizer text scored as the continuation.")
+    scoring: LabelScoring = Field(default_factory=LabelScoring)
     metrics: dict[str, Any] = Field(default_factory=dict)
     description: str = ""
 

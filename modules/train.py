@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from modules.backbone import Backbone
 from modules.base import TaskModule, kind_class
+from modules.calibration import label_probs
 from modules.child_tuning import ChildTuningAdamW, _check_p, fisher_masks
 from modules.decode import GenItem, Sampling, ScoreItem, score
 from modules.running import generate
@@ -201,12 +202,13 @@ def evaluate(module: TaskModule, backbone: Backbone, rows: list[dict], batch_siz
     metrics: dict = {}
     bar = tqdm(total=len(rows), desc="eval", disable=not progress, leave=False)
     if labelled:
-        correct = 0
+        lls = []
         for i in range(0, len(labelled), batch_size):
             chunk = labelled[i:i + batch_size]
-            for r, ll in zip(chunk, score(backbone, task.items(chunk))):
-                correct += task.label_names[int(ll.argmax())] == str(r["label"])
+            lls += score(backbone, task.items(chunk))
             bar.update(len(chunk))
+        probs = label_probs(backbone, module, lls, frozen=False)  # the module's scoring (calibration...)
+        correct = sum(task.label_names[int(p.argmax())] == str(r["label"]) for r, p in zip(labelled, probs))
         metrics["eval_accuracy"] = round(correct / len(labelled), 4)
     if targeted:
         hits = 0

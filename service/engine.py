@@ -16,6 +16,7 @@ import torch
 
 from modules.backbone import Backbone
 from modules.batch import Contribution
+from modules.calibration import label_probs
 from modules.decode import GenItem, RowError, ScoreItem, score
 from modules.prefix_cache import PrefixCache, content_key, row_kv
 from modules.running import generate
@@ -162,7 +163,10 @@ def score_jobs(backbone, pairs: list, prefix_cache: PrefixCache | None = None) -
                     prefix_cache.insert(keys[k], pairs[k][1].ids, *row_kv(mask, cache, b),
                                         c.prefix_length + c.num_virtual_tokens)
         for k, ll in zip(group, score(backbone, items, on_pass=remember if prefix_cache is not None else None)):
-            results[k] = _scored(list(labels[k]), ll)
+            job = pairs[k][0]
+            probs = (label_probs(backbone, job.module, [ll])[0] if job.labels is None  # the task's own scoring
+                     else torch.softmax(ll.double(), -1))
+            results[k] = _scored(list(labels[k]), ll, probs)
     return [results[k] for k in range(len(pairs))]
 
 
@@ -186,12 +190,11 @@ def label_cost(continuations: list[list[int]], length: int) -> int:
     return sum(length + len(c) for c in continuations)
 
 
-def _scored(names: list[str], ll: torch.Tensor) -> Scored | RowError:
-    """The label and label probabilities from each label's log-likelihood, (K,)."""
-    if not torch.isfinite(ll).all():
+def _scored(names: list[str], ll: torch.Tensor, probs: torch.Tensor) -> Scored | RowError:
+    """The label and label probabilities from each label's log-likelihood and probability, (K,)."""
+    if not (torch.isfinite(ll).all() and torch.isfinite(probs).all()):
         return RowError("the task's module produced non-finite label scores")
-    probs = torch.softmax(ll.float(), -1).tolist()
-    return Scored(names[int(ll.argmax())], dict(zip(names, probs)))
+    return Scored(names[int(probs.argmax())], dict(zip(names, probs.tolist())))
 
 
 def _fix_seed(job: Job) -> None:
