@@ -58,7 +58,7 @@ class ContinuousEngine(Engine):
             jobs = self.scheduler.next_batch(timeout=0.5 if idle else 0, rows=self.max_running - len(self._running),
                                              fits=lambda jobs, idle=idle: (idle and len(jobs) == 1) or self._fits(jobs))
             if jobs:
-                self._admit(jobs)
+                self._admit_each(jobs)
             elif idle:
                 if self.scheduler.closed:
                     return
@@ -66,8 +66,23 @@ class ContinuousEngine(Engine):
             if self._running:
                 self._step()
 
+    def _admit_each(self, jobs: list[Job]) -> None:
+        """Admit the jobs together; if that fails in a way no row was blamed for, admit each alone,
+        so only the jobs that fail alone fail (the engine thread never dies of a request)."""
+        try:
+            self._admit(jobs)
+        except Exception as e:  # noqa: BLE001
+            if len(jobs) == 1:
+                log.exception("admitting a row of task kind %s failed", getattr(jobs[0].module, "kind", "?"))
+                if not jobs[0].future.done():
+                    self._answer([(jobs[0], e)])
+                return
+            for job in jobs:
+                if not job.future.done() and job not in self._running.values():
+                    self._admit_each([job])
+
     def _admit(self, jobs: list[Job]) -> None:
-        runnable = self._start(jobs)
+        runnable = [j for j in jobs if j.future.running()] + self._start([j for j in jobs if not j.future.running()])
         self._answer([(j, self._own_pass(j)) for j in runnable if j.work is not None])
         runnable = [j for j in runnable if j.work is None]
         if not runnable:

@@ -205,3 +205,30 @@ def test_a_prefix_cache_hit_gives_the_label_scores_of_a_miss(tiny):
             for a, b in zip(cached, plain):
                 assert a.label == b.label and all(abs(a.scores[k] - b.scores[k]) < 1e-4 for k in a.scores)
             assert len({round(s.scores[s.label], 3) for s in plain}) > len(plain) // 2  # the rows really differ
+
+
+def test_a_request_that_breaks_admission_fails_alone_and_the_engine_lives(tiny, engine, monkeypatch):
+    """An error outside any module's own code while admitting (here: hashing one module's content
+    for the prefix cache) fails only that request; the others of the same admission, and later
+    ones, are answered."""
+    import service.continuous as continuous
+
+    base, bad = NoModule(tiny), _prompt(tiny, 6)
+    real = continuous.content_key
+
+    def content_key(module):
+        if module is bad:
+            raise RuntimeError("cannot hash")
+        return real(module)
+
+    monkeypatch.setattr(continuous, "content_key", content_key)
+    makers = [lambda: _job(base, "hello", Sampling(max_new_tokens=5)), lambda: _job(bad, "x", Sampling(max_new_tokens=5)),
+              lambda: _job(_prompt(tiny, 1), "zz top", Sampling(max_new_tokens=4))]
+    jobs = [make() for make in makers]
+    engine.scheduler.submit(jobs)
+    got = _wait(jobs)
+    assert got[1] is RuntimeError
+    assert _same(got[0], _alone(tiny, makers[0])) and _same(got[2], _alone(tiny, makers[2]))
+    later = makers[0]()
+    engine.scheduler.submit([later])
+    assert _same(_wait([later])[0], got[0])
