@@ -63,6 +63,12 @@ OUT = ROOT / "bench" / "results" / "methods.json"
 
 PROMPT = {"num_virtual_tokens": 16, "init": "labels"}
 LORA = {"targets": ["q_proj", "v_proj"], "r": 8, "alpha": 16}
+# The MAM adapter (He et al. 2022, the unified view): prefix tuning on attention plus a parallel
+# adapter on the FFN scaled by 4, as one composed module.
+MAM = {"parts": [{"kind": "prefix", "config": {"num_virtual_tokens": 8}},
+                 {"kind": "adapter", "config": {"style": "parallel", "targets": ["down_proj"], "bottleneck": 8,
+                                                "scale": 4.0}}]}
+NULL_TEMPLATE = "{input}"  # a null prompt (Logan et al. 2022): the input, then the label's verbalizer
 
 # name -> (kind, config, lr, Child-Tuning mode or None). The learning rates are set once per
 # method family from the papers' usual ranges, raised for a short run; not tuned on these data.
@@ -80,6 +86,9 @@ METHODS: dict[str, tuple[str, dict | None, float, str | None]] = {
     "lora+ChildTuning_F": ("lora", LORA, 3e-3, "F"),
     "lora+ChildTuning_D": ("lora", LORA, 3e-3, "D"),
     "prompt+ChildTuning_F": ("prompt", PROMPT, 3e-2, "F"),
+    "layernorm": ("layernorm", {}, 1e-2, None),                 # LayerNorm tuning: every norm's weights
+    "mam": ("compose", MAM, 5e-3, None),
+    "nullprompt+bitfit": ("bitfit", {}, 5e-3, None),            # template NULL_TEMPLATE, not the task's
     "blackbox": ("prompt", PROMPT, 0.0, None),                  # trained by blackbox_tune, not train_module
 }
 
@@ -114,7 +123,7 @@ def datasets(eval_rows: int, seed: int) -> dict[str, dict]:
 def run_method(name: str, backbone: Backbone, ds: dict, args) -> tuple[bytes, dict]:
     """Train (or not) one method on one data set: its artifact and metrics."""
     kind, config, lr, mode = METHODS[name]
-    fields = {"template": ds["template"], "labels": ds["labels"]}
+    fields = {"template": NULL_TEMPLATE if name.startswith("nullprompt") else ds["template"], "labels": ds["labels"]}
     start = time.monotonic()
     if name == "template":
         module = kind_class("template").new(backbone, **fields)
@@ -183,7 +192,9 @@ def table(out: dict) -> str:
         s, t = row.get("sst2", {}), row.get("trec", {})
         any_ = s or t
         acc = lambda d: f"{d['eval_accuracy']:.3f}" if "eval_accuracy" in d else "-"  # noqa: E731
-        what = {"template": "template (zero-shot)", "blackbox": "prompt by CMA-ES (BBT)"}.get(
+        what = {"template": "template (zero-shot)", "blackbox": "prompt by CMA-ES (BBT)", "layernorm": "LayerNorm tuning",
+                "mam": "MAM adapter: prefix + parallel FFN adapter (x4), composed",
+                "nullprompt+bitfit": "bitfit, null prompt (template `{input}`)"}.get(
             name, kind + (f" + Child-Tuning_{mode}" if mode else "") + (" (Fisher mask)" if kind == "sparse" else ""))
         params = f"{any_.get('trainable_params', 0):,}"
         if "child_params" in any_:

@@ -401,3 +401,36 @@ def test_sparse_bad_indices_are_refused(tiny, corrupt, needle):
     files["weights.safetensors"] = save(tensors)
     with pytest.raises(ArtifactError, match=needle):
         load_module(files, tiny)
+
+
+# --- recipes from the literature, as composed modules and templates --------------------------------
+
+MAM = {"parts": [{"kind": "prefix", "config": {"num_virtual_tokens": 4}},
+                 {"kind": "adapter", "config": {"style": "parallel", "targets": ["down_proj"], "bottleneck": 4,
+                                                "scale": 4.0}}]}
+
+
+@pytest.mark.parametrize("kind,config,template", [("compose", MAM, "{input} ?"),  # the MAM adapter
+                                                  ("bitfit", {}, "{input}")])      # a null prompt with BitFit
+def test_recipes_train_only_their_module_and_serve_in_a_mixed_batch(tiny, kind, config, template):
+    """MAM (prefix on attention + a parallel adapter on the FFN scaled by 4) and a null prompt
+    (the input and the label, nothing else) with BitFit: training moves every module tensor and
+    leaves the backbone bit-identical; the trained module's rows batched with other kinds' equal
+    each row alone."""
+    from modules.train import TrainOptions, train_module
+
+    rows = [{"input": t, "label": "yes" if i % 2 else "no"} for i, t in enumerate(["cat 1", "dog", "bird 7", "fish"])]
+    before = weights_digest(tiny.model)
+    fresh = kind_class(kind).new(tiny, config, template=template, labels={"no": "n", "yes": "y"})
+    result = train_module(tiny, kind, rows, TrainOptions(max_steps=4, batch_size=4, lr=0.05, progress=False),
+                          config=config, template=template, labels={"no": "n", "yes": "y"})
+    assert weights_digest(tiny.model) == before
+    moved = {k for k, v in result.module.tensors().items() if not torch.equal(v, fresh.tensors()[k])}
+    zero_at_start = {k for k, v in fresh.tensors().items() if not v.any()}  # moved by training only
+    assert zero_at_start and zero_at_start <= moved
+    assert kind != "compose" or {k.split(".")[0] for k in moved} >= {"prefix", "adapter"}
+    assert kind != "bitfit" or len(moved) == len(fresh.tensors())
+    mods = [result.module] + _batch_modules(tiny)[:5]
+    items = [GenItem(m.encode(t), m.contribution(m.encode(t)), Sampling(max_new_tokens=6))
+             for m, t in zip(mods * 2, TEXTS)]
+    assert [g.token_ids for g in generate(tiny, items)] == [generate(tiny, [it])[0].token_ids for it in items]
