@@ -47,15 +47,16 @@ class ContinuousEngine(Engine):
         self._running: dict[int, Job] = {}  # id(GenItem) -> its job
 
     def _fits(self, jobs: list[Job]) -> bool:
-        """Whether the generation rows among `jobs` can join within the KV budget (a job's cost is
-        its prompt's positions plus its max_new_tokens); scoring rows run in this step and leave."""
+        """Whether the generation rows among `jobs` can join: within `max_running` rows and the KV
+        budget (a job's cost is its prompt's positions plus its max_new_tokens). Scoring rows run in
+        this step and leave, so a full running batch never holds them back."""
         rows = [(j.cost - j.sampling.max_new_tokens, j.sampling.max_new_tokens) for j in jobs if j.sampling is not None]
-        return self.batch.fits(rows, self.kv_tokens)
+        return len(self._running) + len(rows) <= self.max_running and self.batch.fits(rows, self.kv_tokens)
 
     def _loop(self) -> None:
         while True:
             idle = not self._running
-            jobs = self.scheduler.next_batch(timeout=0.5 if idle else 0, rows=self.max_running - len(self._running),
+            jobs = self.scheduler.next_batch(timeout=0.5 if idle else 0,
                                              fits=lambda jobs, idle=idle: (idle and len(jobs) == 1) or self._fits(jobs))
             if jobs:
                 self._admit_each(jobs)

@@ -84,14 +84,18 @@ class Scheduler:
         with self._cond:
             if not self._q and timeout > 0:
                 self._cond.wait(timeout)
-            batch, used = [], 0
+            batch, live, used = [], [], 0
             while self._q and len(batch) < rows:
                 job = self._q[0]
-                if fits is not None and not fits(batch + [job]):
+                if job.cancelled:  # its request went away: handed over to be counted, it takes no room
+                    batch.append(self._q.popleft())
+                    continue
+                if fits is not None and not fits(live + [job]):
                     break
-                if fits is None and batch and used + job.cost > self.max_batch_tokens:
+                if fits is None and live and used + job.cost > self.max_batch_tokens:
                     break
                 batch.append(self._q.popleft())
+                live.append(job)
                 used += job.cost
             return batch
 
