@@ -75,6 +75,7 @@ NULL_TEMPLATE = "{input}"  # a null prompt (Logan et al. 2022): the input, then 
 METHODS: dict[str, tuple[str, dict | None, float, str | None]] = {
     "template": ("template", None, 0.0, None),                 # zero-shot baseline, no training
     "prompt": ("prompt", PROMPT, 3e-2, None),
+    "p-tuning": ("prompt", {**PROMPT, "encoder": "lstm"}, 3e-2, None),  # folded into a plain prompt
     "prefix": ("prefix", {"num_virtual_tokens": 8}, 1e-2, None),
     "lora": ("lora", LORA, 3e-3, None),
     "bitfit": ("bitfit", {}, 5e-3, None),                       # every linear layer gets a bias
@@ -194,7 +195,8 @@ def table(out: dict) -> str:
         acc = lambda d: f"{d['eval_accuracy']:.3f}" if "eval_accuracy" in d else "-"  # noqa: E731
         what = {"template": "template (zero-shot)", "blackbox": "prompt by CMA-ES (BBT)", "layernorm": "LayerNorm tuning",
                 "mam": "MAM adapter: prefix + parallel FFN adapter (x4), composed",
-                "nullprompt+bitfit": "bitfit, null prompt (template `{input}`)"}.get(
+                "nullprompt+bitfit": "bitfit, null prompt (template `{input}`)",
+                "p-tuning": "prompt by P-tuning (LSTM encoder, folded)"}.get(
             name, kind + (f" + Child-Tuning_{mode}" if mode else "") + (" (Fisher mask)" if kind == "sparse" else ""))
         params = f"{any_.get('trainable_params', 0):,}"
         if "child_params" in any_:

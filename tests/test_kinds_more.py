@@ -434,3 +434,35 @@ def test_recipes_train_only_their_module_and_serve_in_a_mixed_batch(tiny, kind, 
     items = [GenItem(m.encode(t), m.contribution(m.encode(t)), Sampling(max_new_tokens=6))
              for m, t in zip(mods * 2, TEXTS)]
     assert [g.token_ids for g in generate(tiny, items)] == [generate(tiny, [it])[0].token_ids for it in items]
+
+
+@pytest.mark.parametrize("encoder", ["mlp", "lstm"])
+def test_p_tuning_trains_an_encoder_and_folds_it_into_a_plain_prompt(tiny, encoder):
+    """P-tuning (v1): a new module is exactly its plain initial prompt; training moves the encoder
+    and the backbone stays bit-identical; the artifact is a plain `prompt` whose outputs equal the
+    trained module's, and serves in a mixed batch like any other row; an artifact that still names
+    an encoder is refused."""
+    from modules.train import TrainOptions, train_module
+
+    config = {"num_virtual_tokens": 4, "encoder": encoder, "encoder_hidden": 16}
+    fresh = kind_class("prompt").new(tiny, config, template="{input} ?", labels={"no": "n", "yes": "y"})
+    assert torch.equal(fresh.prompt(), fresh.embeddings)
+    rows = [{"input": t, "label": "yes" if i % 2 else "no"} for i, t in enumerate(["cat 1", "dog", "bird 7", "fish"])]
+    before = weights_digest(tiny.model)
+    result = train_module(tiny, "prompt", rows, TrainOptions(max_steps=4, batch_size=4, lr=0.05, progress=False),
+                          config=config, template="{input} ?", labels={"no": "n", "yes": "y"})
+    assert weights_digest(tiny.model) == before
+    assert result.module.encoder.mlp[2].weight.abs().sum() > 0  # the encoder learned
+    files = read_artifact(result.artifact)
+    manifest = json.loads(files["module.json"])
+    assert manifest["config"]["encoder"] is None and list(load_module(files, tiny).tensors()) == ["prompt.embeddings"]
+    served = load_module(files, tiny)
+    with torch.inference_mode():
+        torch.testing.assert_close(_hidden(tiny, served, "dog"), _hidden(tiny, result.module, "dog"), atol=1e-5, rtol=0)
+    mods = [served] + _batch_modules(tiny)[:4]
+    items = [GenItem(m.encode(t), m.contribution(m.encode(t)), Sampling(max_new_tokens=6)) for m, t in zip(mods * 2, TEXTS)]
+    assert [g.token_ids for g in generate(tiny, items)] == [generate(tiny, [it])[0].token_ids for it in items]
+    manifest["config"]["encoder"] = encoder
+    files["module.json"] = json.dumps(manifest).encode()
+    with pytest.raises(ArtifactError, match="encoder must be null"):
+        load_module(files, tiny)
