@@ -183,21 +183,20 @@ class RunningBatch:
         try:
             self._prefill_pass(chunks)
         except Exception as e:  # noqa: BLE001 - only the rows that fail alone fail
-            if len(chunks) > 1:
-                log.warning("a prefill of %d rows failed (%s: %s); prefilling each row alone", len(chunks), type(e).__name__, e)
-                for chunk in chunks:
-                    self._prefill_alone(chunk)
-            else:
-                self._prefill_alone(chunks[0])
+            if len(chunks) == 1:
+                return self._fail(chunks[0][0], e)
+            log.warning("a prefill of %d rows failed (%s: %s); prefilling each row alone", len(chunks), type(e).__name__, e)
+            for chunk in chunks:
+                try:
+                    self._prefill_pass([chunk])
+                except Exception as e:  # noqa: BLE001
+                    self._fail(chunk[0], e)
 
-    def _prefill_alone(self, chunk: tuple["_Waiting", int]) -> None:
-        try:
-            self._prefill_pass([chunk])
-        except Exception as e:  # noqa: BLE001
-            w = chunk[0]
-            self._waiting.remove(w)
-            w.state.fail(RowError(f"the task's module failed: {type(e).__name__}: {e}"))
-            self._done.append((w.state.item, _result(w.state)))
+    def _fail(self, w: "_Waiting", error: Exception) -> None:
+        """A waiting row whose prefill failed alone: it leaves with its error."""
+        self._waiting.remove(w)
+        w.state.fail(RowError(f"the task's module failed: {type(error).__name__}: {error}"))
+        self._done.append((w.state.item, _result(w.state)))
 
     def _prefill_pass(self, chunks: list[tuple["_Waiting", int]]) -> None:
         bb = self.backbone

@@ -2,7 +2,7 @@
 
 Each step of the engine thread:
 
-    queue --admit (FIFO, within the free rows and the KV budget)--> prepare: probes of the admitted
+    queue --admit (FIFO, within max_running and the KV budget)--> prepare: probes of the admitted
     rows, batched (idpt, rrr, recursive) --> scoring rows: one pass, answered now
                                          --> generation rows: prefilled together, join the batch
     running batch --one decode token for every running row--> finished rows answered and gone
@@ -33,9 +33,10 @@ class ContinuousEngine(Engine):
     """`Engine`'s interface, scheduled per step. `kv_tokens` bounds the running batch's key/value
     buffer (slots x columns, see `RunningBatch.fits`): a row joins only if the buffer stays within
     it until a row leaves, with every row at its max_new_tokens; a job alone on an idle engine
-    always runs (the request limits bound it). `max_running` bounds the rows decoded together; `prefill_tokens` bounds the prompt
-    tokens prefilled per step (longer prompts take several steps, so running rows keep decoding);
-    `prefix_cache_tokens` bounds the cached keys/values of rows' leading tokens."""
+    always runs (the request limits bound it). `max_running` bounds the generation rows decoded
+    together; `prefill_tokens` bounds the prompt tokens prefilled per step (longer prompts take
+    several steps, so running rows keep decoding); `prefix_cache_tokens` bounds the cached
+    keys/values of rows' leading tokens."""
 
     def __init__(self, backbone, scheduler, on_batch=None, on_cancel=None, lock=None,
                  max_running: int = 32, kv_tokens: int = 65536, prefill_tokens: int = 512,
