@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-slow bench lint clean
+.PHONY: install serve test test-slow clean
 
 LOCKS := requirements/runtime.lock requirements/ray.lock requirements/test.lock
 
