@@ -48,6 +48,13 @@ class Contribution:
     def prefix_length(self) -> int:
         return 0 if self.prefix is None else self.prefix[0].shape[2]
 
+    def continued(self, kv: tuple[torch.Tensor, torch.Tensor]) -> "Contribution":
+        """This contribution for the rest of a row whose leading positions (this contribution's
+        prefix and prepended vectors included) are already computed as keys/values `kv`
+        (a prefix-cache hit, or the next chunk of a chunked prefill): they enter as a key/value
+        prefix, and the linear delta still applies to the rest."""
+        return Contribution(prefix=kv, linear=self.linear)
+
     def combine(self, other: "Contribution") -> "Contribution":
         """Both contributions in one (a composed task); each slot may be filled only once."""
         merged = {}

@@ -37,7 +37,7 @@ import logging
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from modules.batch import Contribution, DeltaPlan, Row, build_pass
+from modules.batch import DeltaPlan, Row, build_pass
 from modules.decode import Generated, GenItem, RowError, _pick, _RowState
 from modules.prefix_cache import PrefixCache, row_kv
 
@@ -91,7 +91,7 @@ class _Waiting:
         item = self.state.item
         if self.kv is None:
             return Row(item.ids[:n], item.contribution)
-        return Row(item.ids[self.done:self.done + n], Contribution(prefix=self.kv, linear=item.contribution.linear))
+        return Row(item.ids[self.done:self.done + n], item.contribution.continued(self.kv))
 
 
 class RunningBatch:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from modules.backbone import Backbone
-from modules.batch import Contribution
 from modules.calibration import label_probs
 from modules.decode import GenItem, RowError, ScoreItem, score
 from modules.prefix_cache import PrefixCache, content_key, row_kv
@@ -153,7 +152,7 @@ def score_jobs(backbone, pairs: list, prefix_cache: PrefixCache | None = None) -
         for k in group:
             row = pairs[k][1]
             h, kv = prefix_cache.lookup(keys[k], row.ids) if keys[k] else (0, None)
-            c = row.contribution if kv is None else Contribution(prefix=kv, linear=row.contribution.linear)
+            c = row.contribution if kv is None else row.contribution.continued(kv)
             items.append(ScoreItem(row.ids[h:], c, list(labels[k].values())))
 
         def remember(mask, cache, rows, group=group):
@@ -162,7 +161,8 @@ def score_jobs(backbone, pairs: list, prefix_cache: PrefixCache | None = None) -
                     c = pairs[k][1].contribution
                     prefix_cache.insert(keys[k], pairs[k][1].ids, *row_kv(mask, cache, b),
                                         c.prefix_length + c.num_virtual_tokens)
-        for k, ll in zip(group, score(backbone, items, on_pass=remember if prefix_cache is not None else None)):
+        keep = remember if any(keys[k] for k in group) else None  # no cache to fill: a plain pass
+        for k, ll in zip(group, score(backbone, items, on_pass=keep)):
             job = pairs[k][0]
             probs = (label_probs(backbone, job.module, [ll])[0] if job.labels is None  # the task's own scoring
                      else torch.softmax(ll.double(), -1))
