@@ -15,9 +15,11 @@ from pathlib import Path
 
 from common import machine  # bench/common.py (the script's folder is on sys.path)
 from methods import datasets  # the methods table's data sets, templates and verbalizers
-from modules.backbone import Backbone
-from modules.base import LabelScoring, kind_class
-from modules.train import evaluate
+
+from modules.core.backbone import Backbone
+from modules.core.module import LabelScoring
+from modules.registry import kind_class
+from modules.training.train import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {"plain": LabelScoring(), "length-normalized": LabelScoring(length_normalize=True),

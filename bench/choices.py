@@ -20,14 +20,14 @@ import json
 from pathlib import Path
 
 import torch
-
 from common import machine  # bench/common.py (the script's folder is on sys.path)
-from modules.artifact import read_artifact
-from modules.backbone import Backbone
-from modules.base import kind_class, load_module
-from modules.decode import GenItem, Sampling, ScoreItem, score
-from modules.running import generate
-from modules.stages import prepare
+
+from modules.core.artifact import read_artifact
+from modules.core.backbone import Backbone
+from modules.core.decode import GenItem, Sampling, ScoreItem, score
+from modules.core.running import generate
+from modules.core.stages import prepare
+from modules.registry import kind_class, load_module
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "ag_news" / "train.csv"

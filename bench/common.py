@@ -12,8 +12,8 @@ from collections import Counter
 
 import torch
 
-from modules.decode import ScoreItem, score
-from modules.stages import prepare
+from modules.core.decode import ScoreItem, score
+from modules.core.stages import prepare
 
 _PUNCT = set(string.punctuation)
 

@@ -20,17 +20,16 @@ import argparse
 import json
 import random
 import statistics
-import threading
 import time
 from pathlib import Path
 
 import torch
-
 from common import machine  # bench/common.py (the script's folder is on sys.path)
 from mixed_batch import PROMPTS, _randomized, lora_modules
-from modules.backbone import Backbone
-from modules.base import kind_class
-from modules.decode import Sampling
+
+from modules.core.backbone import Backbone
+from modules.core.decode import Sampling
+from modules.registry import kind_class
 from service.continuous import ContinuousEngine
 from service.engine import Engine
 from service.scheduler import Job, Scheduler

@@ -49,13 +49,13 @@ from pathlib import Path
 
 import torch
 
-from modules.artifact import read_artifact
-from modules.backbone import Backbone
-from modules.base import kind_class, load_module
-from modules.blackbox import BlackBoxOptions, blackbox_tune
-from modules.decode import ScoreItem, score
-from modules.stages import prepare
-from modules.train import TrainOptions, evaluate, train_module
+from modules.core.artifact import read_artifact
+from modules.core.backbone import Backbone
+from modules.core.decode import ScoreItem, score
+from modules.core.stages import prepare
+from modules.registry import kind_class, load_module
+from modules.training.blackbox import BlackBoxOptions, blackbox_tune
+from modules.training.train import TrainOptions, evaluate, train_module
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
@@ -149,7 +149,7 @@ def run_method(name: str, backbone: Backbone, ds: dict, args) -> tuple[bytes, di
 
 def _fisher_nnz(backbone: Backbone, row: dict) -> dict[str, int]:
     """A sparse module's nnz spread evenly over its target layers (for a latency stand-in)."""
-    from modules.targets import select_linears
+    from modules.core.targets import select_linears
 
     fisher = row["fisher"]
     keys = list(select_linears(backbone, fisher["targets"], fisher["layers"]))

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from modules.backbone import Backbone
-from modules.base import kind_class
-from modules.decode import GenItem, Sampling
-from modules.running import generate
+from modules.core.backbone import Backbone
+from modules.core.decode import GenItem, Sampling
+from modules.core.running import generate
+from modules.registry import kind_class
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Write a haiku about the sea.", "What is the capital of Italy?", "Give me three tips for sleeping well.",

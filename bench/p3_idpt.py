@@ -29,15 +29,15 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from common import latency_ms, normalize  # bench/common.py (the script's folder is on sys.path)
 from tqdm.auto import tqdm
 
-from common import latency_ms, normalize  # bench/common.py (the script's folder is on sys.path)
-from modules.backbone import Backbone
-from modules.base import kind_class
-from modules.decode import GenItem, Sampling, ScoreItem, score
-from modules.running import generate
-from modules.stages import prepare
-from modules.train import TrainOptions, mix, train_module
+from modules.core.backbone import Backbone
+from modules.core.decode import GenItem, Sampling, ScoreItem, score
+from modules.core.running import generate
+from modules.core.stages import prepare
+from modules.registry import kind_class
+from modules.training.train import TrainOptions, mix, train_module
 
 ROOT = Path(__file__).resolve().parent.parent
 P3 = ROOT.parent / "shared" / "data" / "p3"

@@ -34,15 +34,15 @@ import statistics
 from pathlib import Path
 
 import torch
+from common import exact_match, f1, latency_ms  # bench/common.py (the script's folder is on sys.path)
 from tqdm.auto import tqdm
 
-from common import exact_match, f1, latency_ms  # bench/common.py (the script's folder is on sys.path)
-from modules.backbone import Backbone
-from modules.base import kind_class
-from modules.decode import GenItem, Sampling, ScoreItem, score
-from modules.running import generate
-from modules.stages import prepare
-from modules.train import TrainOptions, lm_rows, train_module
+from modules.core.backbone import Backbone
+from modules.core.decode import GenItem, Sampling, ScoreItem, score
+from modules.core.running import generate
+from modules.core.stages import prepare
+from modules.registry import kind_class
+from modules.training.train import TrainOptions, lm_rows, train_module
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"

@@ -43,18 +43,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
-from modules.backbone import Backbone
-from modules.base import kind_class
-from modules.batch import Contribution, Row, build_pass
-from modules.decode import GenItem, Sampling, ScoreItem, score
-from modules.retrieval import Document, Retriever, documents_files
-from modules.rrr import Candidate, Corpus, RRRModule, pack
-from modules.running import generate
-from modules.stages import prepare
 from common import exact_match, f1, normalize  # bench/common.py (the script's folder is on sys.path)
 from tables import squad_rrr as squad_rrr_table  # bench/tables.py (the script's folder is on sys.path)
+from tqdm.auto import tqdm
+
+from modules.core.backbone import Backbone
+from modules.core.batch import Contribution, Row, build_pass
+from modules.core.decode import GenItem, Sampling, ScoreItem, score
+from modules.core.retrieval import Document, Retriever, documents_files
+from modules.core.running import generate
+from modules.core.stages import prepare
+from modules.kinds.rrr import Candidate, Corpus, RRRModule, pack
+from modules.registry import kind_class
 
 ROOT = Path(__file__).resolve().parent.parent
 SQUAD = ROOT.parent / "shared" / "data" / "squad" / "dev-v1.1.part1of2.json"

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from clients import Client
-from modules.backbone import Backbone
-from modules.base import kind_class
-from service.testing import running_server
+from modules.core.backbone import Backbone
+from modules.registry import kind_class
+from tests.server import running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV = ROOT.parent / "shared" / "data" / "sst2" / "stsa.binary.dev"

@@ -1,7 +1,19 @@
 """frozenlm clients: `Client`, `AsyncClient` and the `frozenlm` CLI. Never imports torch."""
 
-from clients.client import (AsyncClient, Client, Conflict, FrozenLMError, InferResult, InvalidRequest,
-                            NotFound, Output, Overloaded, TaskInfo, Unauthorized, Uploaded)
+from clients.client import (
+                            AsyncClient,
+                            Client,
+                            Conflict,
+                            FrozenLMError,
+                            InferResult,
+                            InvalidRequest,
+                            NotFound,
+                            Output,
+                            Overloaded,
+                            TaskInfo,
+                            Unauthorized,
+                            Uploaded,
+)
 
 __all__ = ["AsyncClient", "Client", "Conflict", "FrozenLMError", "InferResult", "InvalidRequest", "NotFound",
            "Output", "Overloaded", "TaskInfo", "Unauthorized", "Uploaded"]

@@ -105,8 +105,9 @@ def _labels(value: str | None) -> dict[str, str] | None:
 def cmd_train(args) -> int:
     from pathlib import Path
 
-    from modules.base import load_module, read_artifact
-    from modules.train import TrainOptions, lm_rows, mix, read_jsonl, train_module
+    from modules.core.artifact import read_artifact
+    from modules.registry import load_module
+    from modules.training.train import TrainOptions, lm_rows, mix, read_jsonl, train_module
 
     if bool(args.data) == bool(args.lm_text):
         print("give --data (JSONL, repeatable with :weight) or --lm-text (plain text), not both", file=sys.stderr)
@@ -141,8 +142,8 @@ def cmd_train(args) -> int:
 def cmd_blackbox(args) -> int:
     """Black-box tuning (CMA-ES over a projected soft prompt, forward passes only): in process, or
     through a running service with `--url` given after the command (language-model-as-a-service)."""
-    from modules.blackbox import BlackBoxOptions, blackbox_tune, blackbox_tune_http
-    from modules.train import read_jsonl
+    from modules.training.blackbox import BlackBoxOptions, blackbox_tune, blackbox_tune_http
+    from modules.training.train import read_jsonl
 
     rows = read_jsonl(args.data)
     eval_rows = _eval_rows(args)
@@ -179,7 +180,7 @@ def _module_arguments(s: argparse.ArgumentParser) -> None:
 
 
 def _eval_rows(args) -> list[dict] | None:
-    from modules.train import read_jsonl
+    from modules.training.train import read_jsonl
 
     rows = read_jsonl(args.eval) if args.eval else None
     return rows[:args.eval_limit] if args.eval_limit and rows else rows
@@ -203,7 +204,7 @@ def _manifest(args) -> dict:
 
 
 def _backbone(args):
-    from modules.backbone import Backbone
+    from modules.core.backbone import Backbone
 
     return Backbone.load(args.backbone or os.environ.get("FROZENLM_BACKBONE") or None,
                          device=args.device, dtype=args.dtype)

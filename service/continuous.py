@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from modules.decode import GenItem
-from modules.prefix_cache import PrefixCache, content_key
-from modules.running import RunningBatch
-from modules.stages import prepare
+from modules.core.decode import GenItem
+from modules.core.prefix_cache import PrefixCache, content_key
+from modules.core.running import RunningBatch
+from modules.core.stages import prepare
 from service.engine import Engine, score_jobs
 from service.scheduler import Job
 

@@ -2,7 +2,7 @@
 
     <store>/<task>/documents/current.json  {"generation": G, "count": N, "stamp"}: which generation serves
     <store>/<task>/documents/docs-G.jsonl  the documents, one {"id", "text", "title"?} a line, in order
-    <store>/<task>/documents/index-G/      the Retriever built on them (modules/retrieval.py)
+    <store>/<task>/documents/index-G/      the Retriever built on them (modules/core/retrieval.py)
 
 The documents file is the truth; the index is derived from it (a missing, corrupt or stale index is
 rebuilt from the documents). A change writes a whole new generation: the documents file (temporary
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError, field_validator
 
-from modules.retrieval import Document, Retriever
+from modules.core.retrieval import Document, Retriever
 from service.errors import Invalid, NotFound, Unavailable
 from service.schemas import _Strict
 from service.store import ModuleStore, _fsync_dir, _write_atomic
@@ -323,7 +323,7 @@ class DocumentStore:
     def replace(self, task: str, docs: list[Document], vectors=None) -> PutResult:
         """Make `docs` the task's documents, all of them, in this order (an artifact that carries
         documents). `vectors` (N, d): their dense vectors, made by the same retriever settings on
-        this backbone (see modules.retrieval.documents_files): nothing is embedded. Without them,
+        this backbone (see modules.core.retrieval.documents_files): nothing is embedded. Without them,
         unchanged documents keep their vectors and the rest are embedded."""
         with self._task_lock(task):
             old = self._current(task)

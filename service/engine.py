@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from modules.backbone import Backbone
-from modules.calibration import label_probs
-from modules.decode import GenItem, RowError, ScoreItem, score
-from modules.prefix_cache import PrefixCache, content_key, row_kv
-from modules.running import generate
-from modules.stages import prepare
+from modules.core.backbone import Backbone
+from modules.core.calibration import label_probs
+from modules.core.decode import GenItem, RowError, ScoreItem, score
+from modules.core.prefix_cache import PrefixCache, content_key, row_kv
+from modules.core.running import generate
+from modules.core.stages import prepare
 from service.scheduler import Job, Scheduler
 
 log = logging.getLogger("frozenlm.engine")

@@ -11,8 +11,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from modules.artifact import ArtifactError, ArtifactTooLarge
-from modules.base import BackboneMismatch
+from modules.core.artifact import ArtifactError, ArtifactTooLarge
+from modules.core.module import BackboneMismatch
 
 log = logging.getLogger("frozenlm.errors")
 

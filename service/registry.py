@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from modules import peft_import
-from modules.artifact import ArtifactError, read_artifact
-from modules.backbone import Backbone
-from modules.base import (MANIFEST_FILE, WEIGHTS_FILE, Manifest, NoModule, TaskModule, kind_class, load_module,
-                          parse_manifest)
-from modules.retrieval import DOCUMENTS_FILE, VECTORS_FILE
+from modules import peft
+from modules.core.artifact import ArtifactError, read_artifact
+from modules.core.backbone import Backbone
+from modules.core.module import MANIFEST_FILE, WEIGHTS_FILE, Manifest, TaskModule, parse_manifest
+from modules.core.retrieval import DOCUMENTS_FILE, VECTORS_FILE
+from modules.kinds.base import NoModule
+from modules.registry import kind_class, load_module
 from service.errors import Conflict, Invalid, NotFound, Unavailable, from_artifact_error
 from service.schemas import NAME_PATTERN
 from service.store import ModuleStore, StoredModule, valid_name
@@ -35,7 +36,7 @@ _JSON_BYTES = 1 << 20
 # size its header declares). PEFT's save_pretrained writes a README.md model card beside its adapter.
 MEMBERS: dict[str, int | None] = {
     MANIFEST_FILE: _JSON_BYTES, WEIGHTS_FILE: None, DOCUMENTS_FILE: None, VECTORS_FILE: None,
-    peft_import.CONFIG_FILE: _JSON_BYTES, peft_import.WEIGHTS_FILE: None, "README.md": _JSON_BYTES}
+    peft.CONFIG_FILE: _JSON_BYTES, peft.WEIGHTS_FILE: None, "README.md": _JSON_BYTES}
 # An artifact unpacks to at most UNPACK_RATIO times its own size (float weights hardly compress; a
 # bomb of zeros does), at least UNPACK_FLOOR, and never more than the registry's max_artifact_bytes.
 UNPACK_RATIO = 16

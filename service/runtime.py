@@ -18,8 +18,8 @@ from starlette.concurrency import run_in_threadpool
 from service import metrics
 from service.config import Settings
 from service.errors import Invalid, Timeout, TooLarge, Unavailable
-from service.schemas import InferParameters, InferResponse, Output, TaskOut, Uploaded, Usage
 from service.scheduler import Job, Scheduler
+from service.schemas import InferParameters, InferResponse, Output, TaskOut, Uploaded, Usage
 
 log = logging.getLogger("frozenlm.runtime")
 
@@ -48,9 +48,9 @@ class Runtime:
         """Load the backbone, open the store, install examples, start the engine (blocking)."""
         import torch
 
-        from modules.backbone import Backbone
-        from service.documents import DocumentStore
+        from modules.core.backbone import Backbone
         from service.continuous import ContinuousEngine
+        from service.documents import DocumentStore
         from service.engine import Engine
         from service.registry import Registry
         from service.store import ModuleStore
@@ -139,8 +139,8 @@ class Runtime:
         anything is stored, so a bad documents file refuses the whole upload."""
         import numpy as np
 
-        from modules.artifact import ArtifactError
-        from modules.retrieval import DOCUMENTS_FILE, VECTORS_FILE, read_vectors
+        from modules.core.artifact import ArtifactError
+        from modules.core.retrieval import DOCUMENTS_FILE, VECTORS_FILE, read_vectors
         from service.documents import parse_jsonl
         from service.errors import from_artifact_error
 
@@ -205,7 +205,7 @@ class Runtime:
 
     def _jobs(self, task: str, module, inputs: list, p: InferParameters, on_text=None) -> list[Job]:
         """Tokenize and check limits (runs in the thread pool)."""
-        from modules.decode import Sampling
+        from modules.core.decode import Sampling
         from service.engine import label_cost
 
         s, gen = self.settings, module.manifest.generation
@@ -240,7 +240,7 @@ class Runtime:
     @staticmethod
     def _choices(module, choices: list[str]) -> dict[str, list[int]]:
         """A request's answer choices as continuation token ids, each within a label's length cap."""
-        from modules.base import MAX_LABEL_TOKENS
+        from modules.core.module import MAX_LABEL_TOKENS
 
         out = {}
         for c in choices:

@@ -22,7 +22,7 @@ class Job:
 
     module: object               # modules.base.TaskModule (kept untyped: no torch import here)
     ids: list[int]
-    sampling: object | None      # modules.decode.Sampling; None = score the module's labels
+    sampling: object | None      # modules.core.decode.Sampling; None = score the module's labels
     cost: int                    # tokens this job puts through the backbone (its share of a batch's budget)
     task: str = ""               # the task's name (metrics)
     labels: dict | None = None   # scoring: {name: continuation ids} (a request's choices); None = the module's labels

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from modules.base import MAX_LABELS
+from modules.core.module import MAX_LABELS
 
 NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"  # a task name matches it in full (re.fullmatch)
 

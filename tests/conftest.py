@@ -32,7 +32,7 @@ def tiny_tokenizer():
 def tiny_backbone(seed: int = 0, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from modules.backbone import Backbone
+    from modules.core.backbone import Backbone
 
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
@@ -70,7 +70,7 @@ def tiny_served(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def real_backbone():
-    from modules.backbone import Backbone
+    from modules.core.backbone import Backbone
 
     return Backbone.load(device="cpu", dtype="float32")
 
@@ -81,7 +81,7 @@ INTEGRATION_ADMIN_KEY = "integration-admin"
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """A real `frozenlm serve` on a free loopback port, embedded backbone, example tasks installed."""
-    from service.testing import running_server
+    from tests.server import running_server
 
     store = tmp_path_factory.mktemp("store")
     env = {"FROZENLM_STORE_DIR": str(store), "FROZENLM_ADMIN_KEY": INTEGRATION_ADMIN_KEY,

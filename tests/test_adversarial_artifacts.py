@@ -13,7 +13,7 @@ import zipfile
 import httpx
 import pytest
 
-from modules.base import kind_class
+from modules.registry import kind_class
 from tests.adversary import assert_ready, peak_growth_mb, served, store_digest
 
 
@@ -180,7 +180,7 @@ def _safetensors_head(shape: list[int], data_bytes: int) -> bytes:
 
 
 def _files(bb) -> dict[str, bytes]:
-    from modules.artifact import read_artifact
+    from modules.core.artifact import read_artifact
 
     return read_artifact(_artifact(bb))
 

@@ -17,13 +17,13 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import save
 
-from modules.artifact import ArtifactError, pack, read_artifact
-from modules.base import (MAX_LABEL_TOKENS, MAX_LABELS, BackboneRef, Manifest, kind_class, load_module, loads,
-                          weight_shapes)
-from modules.peft_import import load_peft
-from modules.rrr import Corpus
-from modules.retrieval import Retriever
-from modules.targets import pattern_values
+from modules.core.artifact import ArtifactError, pack, read_artifact
+from modules.core.module import MAX_LABEL_TOKENS, MAX_LABELS, BackboneRef, Manifest, loads, weight_shapes
+from modules.core.retrieval import Retriever
+from modules.core.targets import pattern_values
+from modules.kinds.rrr import Corpus
+from modules.peft import load_peft
+from modules.registry import kind_class, load_module
 from tests.adversary import assert_ready, peak_growth_mb, served, store_digest
 from tests.test_documents import CORPUS
 

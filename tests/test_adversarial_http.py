@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from modules.base import kind_class
+from modules.registry import kind_class
 from tests.adversary import assert_ready, peak_growth_mb, served, store_digest
 
 ADMIN = {"Authorization": "Bearer adv-admin"}

@@ -10,8 +10,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from modules.artifact import read_artifact
-from modules.base import kind_class, load_module
+from modules.core.artifact import read_artifact
+from modules.registry import kind_class, load_module
 from service.app import create_app
 from service.config import Settings
 from tests.conftest import tiny_backbone
@@ -307,7 +307,7 @@ def test_a_request_that_can_never_fit_is_413_not_429(tmp_path, tiny):
 def test_deadline_answers_504_and_cancels_the_rows(tmp_path, tiny, monkeypatch):
     import time as _time
 
-    from modules.running import RunningBatch
+    from modules.core.running import RunningBatch
 
     real, seen = RunningBatch.step, []
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modules.base import NoModule, kind_class
-from modules.batch import Contribution, Row, build_pass
-from modules.decode import GenItem, Sampling, ScoreItem, score
-from modules.running import generate
-from modules.stages import prepare
+from modules.core.batch import Contribution, Row, build_pass
+from modules.core.decode import GenItem, Sampling, ScoreItem, score
+from modules.core.running import generate
+from modules.core.stages import prepare
+from modules.kinds.base import NoModule
+from modules.registry import kind_class
 
 TEXTS = ["a", "hello there, how are you doing today?", "xyz xyz", "the quick brown fox jumps", "0123456789" * 3,
          "zz top", "mixed batches of many tasks", "ok"]
@@ -174,7 +175,7 @@ def test_incremental_text_equals_a_full_decode(tiny):
     window at a time, and the streamed pieces, equal decoding everything at once."""
     import random
 
-    from modules.decode import _RowState
+    from modules.core.decode import _RowState
 
     rng = random.Random(0)
     tok = tiny.tokenizer

@@ -8,11 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from modules.artifact import read_artifact
-from modules.base import kind_class, load_module
-from modules.blackbox import (BlackBoxOptions, blackbox_tune, blackbox_tune_http, cma_search, projection_std,
-                              random_projection)
-from modules.decode import ScoreItem, score
+from modules.core.artifact import read_artifact
+from modules.core.decode import ScoreItem, score
+from modules.registry import kind_class, load_module
+from modules.training.blackbox import (
+    BlackBoxOptions,
+    blackbox_tune,
+    blackbox_tune_http,
+    cma_search,
+    projection_std,
+    random_projection,
+)
 from tests.conftest import weights_digest
 
 # Separable by the input word; one byte token per label in the tiny tokenizer.
@@ -23,7 +29,7 @@ SMALL = dict(intrinsic_dim=32, popsize=8, progress=False, seed=0)
 
 
 def _label_lls(module, backbone, rows):
-    """Each row's label log-likelihoods (N, K), computed independently of modules.blackbox."""
+    """Each row's label log-likelihoods (N, K), computed independently of modules.training.blackbox."""
     items = [ScoreItem(module.encode(r["input"]), module.contribution(module.encode(r["input"])), module.label_ids)
              for r in rows]
     with torch.inference_mode():
@@ -101,7 +107,7 @@ def test_options_and_rows_are_checked(tiny):
 
 def test_bbt_over_http_against_a_real_server(tiny_served, tmp_path):
     from clients import Client, NotFound
-    from service.testing import running_server
+    from tests.server import running_server
 
     folder, bb = tiny_served
     env = {"FROZENLM_BACKBONE": str(folder), "FROZENLM_STORE_DIR": str(tmp_path / "store"),
@@ -148,7 +154,7 @@ def test_cli_blackbox_in_process_writes_a_prompt_module(tmp_path, tiny, monkeypa
 
     from clients.cli import main as cli_main
 
-    monkeypatch.setattr("modules.backbone.Backbone.load", classmethod(lambda cls, *a, **k: tiny))
+    monkeypatch.setattr("modules.core.backbone.Backbone.load", classmethod(lambda cls, *a, **k: tiny))
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in ROWS))
     out = tmp_path / "bbt.zip"
@@ -174,10 +180,10 @@ def test_cli_blackbox_over_http(tiny_served, tmp_path, monkeypatch):
 
     from clients import Client
     from clients.cli import main as cli_main
-    from service.testing import running_server
+    from tests.server import running_server
 
     folder, bb = tiny_served
-    monkeypatch.setattr("modules.backbone.Backbone.load", classmethod(lambda cls, *a, **k: bb))
+    monkeypatch.setattr("modules.core.backbone.Backbone.load", classmethod(lambda cls, *a, **k: bb))
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in ROWS))
     env = {"FROZENLM_BACKBONE": str(folder), "FROZENLM_STORE_DIR": str(tmp_path / "store"),
@@ -189,7 +195,7 @@ def test_cli_blackbox_over_http(tiny_served, tmp_path, monkeypatch):
         assert cli_main(["blackbox", *common, "--url", url, "--out", str(local), "--eval", str(data),
                          "--eval-limit", "3"]) == 0
         lmaas = tmp_path / "lmaas.zip"      # no local backbone: p0 = 0, the embedding std given
-        monkeypatch.setattr("modules.backbone.Backbone.load", classmethod(lambda cls, *a, **k: 1 / 0))
+        monkeypatch.setattr("modules.core.backbone.Backbone.load", classmethod(lambda cls, *a, **k: 1 / 0))
         assert cli_main(["blackbox", *common, "--url", url, "--embedding-std", "0.02", "--out", str(lmaas)]) == 0
         with Client(url) as c:
             assert c.list_tasks() == []      # the scratch tasks are gone

@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 
-from modules.artifact import read_artifact
-from modules.base import LabelScoring, kind_class, load_module
-from modules.calibration import CONTENT_FREE, label_probs, prior
-from modules.decode import ScoreItem, score
-from modules.train import evaluate
+from modules.core.artifact import read_artifact
+from modules.core.calibration import CONTENT_FREE, label_probs, prior
+from modules.core.decode import ScoreItem, score
+from modules.core.module import LabelScoring
+from modules.registry import kind_class, load_module
+from modules.training.train import evaluate
 from service.engine import Engine
 from service.scheduler import Job, Scheduler
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from modules.child_tuning import ChildTuningAdamW, fisher_information, fisher_masks, top_p_masks
+from modules.training.child_tuning import ChildTuningAdamW, fisher_information, fisher_masks, top_p_masks
 
 
 def _param(*shape, seed=0):
@@ -167,8 +167,8 @@ def test_per_tensor_masks_keep_each_tensors_share_and_break_ties_by_the_seed():
 
 
 def test_fisher_masks_on_a_prompt_module(tiny):
-    from modules.base import kind_class
-    from modules.train import _Task
+    from modules.registry import kind_class
+    from modules.training.train import _Task
 
     module = kind_class("prompt").new(tiny, {"num_virtual_tokens": 4}, template="{input} ?",
                                       labels={"no": "n", "yes": "y"})

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from modules.base import NoModule
-from modules.decode import Sampling
+from modules.core.decode import Sampling
+from modules.kinds.base import NoModule
 from service.continuous import ContinuousEngine
 from service.engine import Engine
 from service.scheduler import Job, Scheduler
@@ -152,7 +152,7 @@ def test_choices_are_scored_like_labels_in_a_mixed_batch(tiny):
     scores are the softmax of the continuations' log-likelihoods."""
     import torch
 
-    from modules.decode import ScoreItem, score
+    from modules.core.decode import ScoreItem, score
     from service.engine import job_labels
 
     base, scorer = NoModule(tiny), _prompt(tiny, 2, labels={"yes": " yes", "no": " nope"})
@@ -184,8 +184,8 @@ def test_a_prefix_cache_hit_gives_the_label_scores_of_a_miss(tiny):
     same rows scored with no cache."""
     import torch
 
-    from modules.prefix_cache import PrefixCache
-    from modules.stages import prepare
+    from modules.core.prefix_cache import PrefixCache
+    from modules.core.stages import prepare
     from service.engine import score_jobs
     from tests.test_running import HEAD
 

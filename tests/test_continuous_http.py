@@ -1,4 +1,4 @@
-"""Attacks on the continuous engine (service/continuous.py, modules/running.py, modules/prefix_cache.py)
+"""Attacks on the continuous engine (service/continuous.py, modules/core/running.py, modules/core/prefix_cache.py)
 through a real server: streaming beside long generations, disconnects, deadlines, hot-swaps and the
 prefix cache, a small KV budget, concurrent mixed requests against the same requests alone, memory,
 and the static engine.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,7 +18,7 @@ import httpx
 import pytest
 import torch
 
-from modules.base import kind_class
+from modules.registry import kind_class
 from tests.adversary import assert_ready, peak_growth_mb, served
 
 ADMIN = {"Authorization": "Bearer cont-admin"}

@@ -9,10 +9,10 @@ import time
 
 import httpx
 
-from modules.artifact import read_artifact
-from modules.base import kind_class, load_module
+from modules.core.artifact import read_artifact
+from modules.registry import kind_class, load_module
 from service.store import ModuleStore
-from service.testing import running_server
+from tests.server import running_server
 
 
 def _big_artifact(bb, seed: int) -> bytes:

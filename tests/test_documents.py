@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from modules.base import kind_class
-from modules.retrieval import Document, Retriever, embed_texts, words
+from modules.core.retrieval import Document, Retriever, embed_texts, words
+from modules.registry import kind_class
 from tests.conftest import tiny_backbone
 
 ADMIN = {"Authorization": "Bearer docs-admin"}
@@ -57,7 +57,7 @@ def _env(folder, store):
 @pytest.fixture(scope="module")
 def served(tiny_served, tmp_path_factory):
     """A real server on the tiny model with one task `kb`."""
-    from service.testing import running_server
+    from tests.server import running_server
 
     folder, bb = tiny_served
     store = tmp_path_factory.mktemp("doc-store")
@@ -144,7 +144,7 @@ def test_unknown_task_media_type_and_keys(served):
 
 
 def test_documents_and_search_survive_a_restart_and_go_with_their_task(tiny_served, tmp_path):
-    from service.testing import running_server
+    from tests.server import running_server
 
     folder, bb = tiny_served
     env = _env(folder, tmp_path)
@@ -323,7 +323,7 @@ def test_a_fingerprint_mismatch_forces_a_rebuild(tiny, tmp_path):
 
 
 def test_document_store_reembeds_only_changed_documents_and_rebuilds_on_another_backbone(tiny, tmp_path, monkeypatch):
-    import modules.retrieval as retrieval
+    import modules.core.retrieval as retrieval
     from service.documents import DocumentStore
     from service.store import ModuleStore
 

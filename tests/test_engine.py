@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from modules.base import NoModule, kind_class
-from modules.batch import Contribution
-from modules.decode import GenItem, RowError, Sampling, _pick
-from modules.running import generate
+from modules.core.batch import Contribution
+from modules.core.decode import GenItem, RowError, Sampling, _pick
+from modules.core.running import generate
+from modules.kinds.base import NoModule
+from modules.registry import kind_class
 from service.engine import Engine, Scored
 from service.scheduler import Job, Scheduler
 

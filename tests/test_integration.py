@@ -68,7 +68,7 @@ def test_the_idpt_example_answers_p3_prompts_in_a_batch_with_other_tasks(server,
 
 
 def test_trained_example_beats_zero_shot_on_sst2_dev_over_http(admin, real_backbone):
-    from modules.base import kind_class
+    from modules.registry import kind_class
 
     zero_shot = kind_class("template").new(real_backbone, template=SST2_TEMPLATE, labels=SST2_LABELS)
     admin.upload("sst2-zero-shot", zero_shot.to_artifact())
@@ -84,14 +84,14 @@ def test_trained_example_beats_zero_shot_on_sst2_dev_over_http(admin, real_backb
 
 
 def _random_prompt(backbone, p: int, seed: int) -> bytes:
-    from modules.base import kind_class
+    from modules.registry import kind_class
 
     m = kind_class("prompt").new(backbone, {"num_virtual_tokens": p, "seed": seed}, template="{input}")
     return m.to_artifact()
 
 
 def _random_deltas(backbone) -> list[bytes]:
-    from modules.base import kind_class
+    from modules.registry import kind_class
 
     specs = [("lora", {"targets": ["q_proj", "v_proj"], "r": 8}), ("lora", {"targets": ["gate_proj", "down_proj"], "r": 2}),
              ("prefix", {"num_virtual_tokens": 3}), ("prefix", {"num_virtual_tokens": 12}),
@@ -115,11 +115,12 @@ PROMPTS = ["Write one word:", "List three colors, please, and explain why you li
 def test_mixed_task_batch_equals_each_request_alone_in_the_engine(real_backbone):
     """Base, 4 prompt, 2 LoRA, 2 prefix, 1 composed, 1 idpt and 1 recursive module, rows of different
     lengths in one batch (probes batched too), against each row alone."""
-    from modules.artifact import read_artifact
-    from modules.base import NoModule, load_module
-    from modules.decode import GenItem, Sampling
-    from modules.running import generate
-    from modules.stages import prepare
+    from modules.core.artifact import read_artifact
+    from modules.core.decode import GenItem, Sampling
+    from modules.core.running import generate
+    from modules.core.stages import prepare
+    from modules.kinds.base import NoModule
+    from modules.registry import load_module
 
     mods = [NoModule(real_backbone)] + [load_module(read_artifact(_random_prompt(real_backbone, p, p)), real_backbone)
                                        for p in (1, 4, 8, 20)]

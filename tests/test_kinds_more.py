@@ -9,11 +9,12 @@ import json
 import pytest
 import torch
 
-from modules.artifact import ArtifactError, read_artifact
-from modules.base import NoModule, kind_class, load_module
-from modules.batch import Contribution, Row, build_pass
-from modules.decode import GenItem, Sampling, ScoreItem, score
-from modules.running import generate
+from modules.core.artifact import ArtifactError, read_artifact
+from modules.core.batch import Contribution, Row, build_pass
+from modules.core.decode import GenItem, Sampling, ScoreItem, score
+from modules.core.running import generate
+from modules.kinds.base import NoModule
+from modules.registry import kind_class, load_module
 from tests.conftest import tiny_backbone, weights_digest
 
 TEXTS = ["a", "hello there, how are you doing today?", "xyz xyz", "the quick brown fox jumps", "0123456789" * 3,
@@ -284,7 +285,7 @@ def test_one_step_moves_only_the_module(tiny, name):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_the_trainer_trains_each_kind(tiny, name):
-    from modules.train import TrainOptions, train_module
+    from modules.training.train import TrainOptions, train_module
 
     rows = [{"input": t, "label": "yes"} for t in ["cat 1", "dog", "bird 7", "fish"]]
     before = weights_digest(tiny.model)
@@ -328,7 +329,7 @@ def test_said_same_seed_same_projection(tiny):
 
 
 def test_said_fastfood_equals_the_explicit_matrix():
-    from modules.said import fastfood, fastfood_vars, fwht
+    from modules.kinds.said import fastfood, fastfood_vars, fwht
 
     L, D, d = 64, 40, 7
     H = torch.ones(1, 1, dtype=torch.float64)
@@ -417,7 +418,7 @@ def test_recipes_train_only_their_module_and_serve_in_a_mixed_batch(tiny, kind, 
     (the input and the label, nothing else) with BitFit: training moves every module tensor and
     leaves the backbone bit-identical; the trained module's rows batched with other kinds' equal
     each row alone."""
-    from modules.train import TrainOptions, train_module
+    from modules.training.train import TrainOptions, train_module
 
     rows = [{"input": t, "label": "yes" if i % 2 else "no"} for i, t in enumerate(["cat 1", "dog", "bird 7", "fish"])]
     before = weights_digest(tiny.model)
@@ -442,7 +443,7 @@ def test_p_tuning_trains_an_encoder_and_folds_it_into_a_plain_prompt(tiny, encod
     and the backbone stays bit-identical; the artifact is a plain `prompt` whose outputs equal the
     trained module's, and serves in a mixed batch like any other row; an artifact that still names
     an encoder is refused."""
-    from modules.train import TrainOptions, train_module
+    from modules.training.train import TrainOptions, train_module
 
     config = {"num_virtual_tokens": 4, "encoder": encoder, "encoder_hidden": 16}
     fresh = kind_class("prompt").new(tiny, config, template="{input} ?", labels={"no": "n", "yes": "y"})

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from modules.artifact import ArtifactError, pack, read_artifact
-from modules.base import KINDS, BackboneMismatch, Manifest, UnknownKind, kind_class, load_module
+from modules.core.artifact import ArtifactError, pack, read_artifact
+from modules.core.module import BackboneMismatch, Manifest
+from modules.registry import KINDS, UnknownKind, kind_class, load_module
 from tests.conftest import tiny_backbone
 
 LABELS = {"negative": " bad", "positive": " good"}
@@ -112,7 +113,7 @@ def test_module_for_another_backbone_is_refused(tiny):
 
 
 def test_fingerprint_ignores_dtype_but_not_weights(tiny):
-    from modules.backbone import fingerprint
+    from modules.core.backbone import fingerprint
 
     model = tiny_backbone().model
     assert fingerprint(model) == tiny.info.fingerprint

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from modules.artifact import read_artifact
-from modules.base import load_module
-from modules.batch import Row, build_pass
+from modules.core.artifact import read_artifact
+from modules.core.batch import Row, build_pass
+from modules.registry import load_module
 
 pytestmark = pytest.mark.integration
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from modules.base import kind_class
-from service.testing import free_port
+from modules.registry import kind_class
+from tests.server import free_port
 
 ray = pytest.importorskip("ray", reason="the ray[serve] extra is not installed")
 

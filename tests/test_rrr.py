@@ -10,13 +10,13 @@ import httpx
 import pytest
 import torch
 
-from modules.artifact import read_artifact
-from modules.base import kind_class, load_module
-from modules.decode import GenItem, Sampling
-from modules.retrieval import DOCUMENTS_FILE, VECTORS_FILE, Document, Retriever, documents_files
-from modules.rrr import Corpus, pack
-from modules.running import generate
-from modules.stages import prepare
+from modules.core.artifact import read_artifact
+from modules.core.decode import GenItem, Sampling
+from modules.core.retrieval import DOCUMENTS_FILE, VECTORS_FILE, Document, Retriever, documents_files
+from modules.core.running import generate
+from modules.core.stages import prepare
+from modules.kinds.rrr import Corpus, pack
+from modules.registry import kind_class, load_module
 from tests.test_batching import _modules, _randomize
 from tests.test_documents import CORPUS
 
@@ -190,7 +190,7 @@ def test_pass_length_bounds_both_passes(tiny, corpus):
 def test_bad_configs_are_refused(tiny):
     from pydantic import ValidationError
 
-    from modules.artifact import ArtifactError
+    from modules.core.artifact import ArtifactError
 
     with pytest.raises(ValidationError, match="context"):
         kind_class("rrr").new(tiny, {"reader_template": "Q: {input}"})
@@ -227,7 +227,7 @@ def test_artifact_round_trip_with_and_without_documents(tiny, corpus):
     lines = [json.loads(x) for x in with_docs[DOCUMENTS_FILE].decode().splitlines()]
     assert [Document(r["id"], r["text"], r.get("title")) for r in lines] == CORPUS
     assert load_module(with_docs, tiny).config == m.config
-    from modules.retrieval import read_vectors
+    from modules.core.retrieval import read_vectors
 
     rebuilt = Retriever(tiny, progress=False).build(CORPUS, vectors=read_vectors(with_docs[VECTORS_FILE]))
     for method in ("dense", "hybrid", "bm25"):
@@ -248,7 +248,7 @@ def _jsonl(docs) -> bytes:
 
 @pytest.fixture(scope="module")
 def served(tiny_served, tmp_path_factory):
-    from service.testing import running_server
+    from tests.server import running_server
 
     folder, bb = tiny_served
     store = tmp_path_factory.mktemp("rrr-store")
@@ -356,7 +356,7 @@ def test_the_squad_example_and_documents_uploaded_through_the_api(admin, server)
     from concurrent.futures import ThreadPoolExecutor
 
     from clients import Conflict
-    from modules.artifact import pack
+    from modules.core.artifact import pack
     from tests.conftest import INTEGRATION_ADMIN_KEY
 
     tasks = {t.name: t for t in admin.list_tasks()}

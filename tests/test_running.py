@@ -6,11 +6,9 @@ import random
 
 import pytest
 
-import torch
-
-from modules.batch import Contribution
-from modules.decode import GenItem, Sampling
-from modules.running import RunningBatch, generate
+from modules.core.batch import Contribution
+from modules.core.decode import GenItem, Sampling
+from modules.core.running import RunningBatch, generate
 from tests.test_batching import _items, _modules
 
 
@@ -103,7 +101,7 @@ HEAD = "You are a careful assistant. Read the request below and answer it in one
 
 
 def _cache_items(tiny, mods, texts, n=6):
-    from modules.prefix_cache import content_key
+    from modules.core.prefix_cache import content_key
 
     out = []
     for m in mods:
@@ -116,7 +114,7 @@ def _cache_items(tiny, mods, texts, n=6):
 def test_a_prefix_cache_hit_gives_the_tokens_of_a_miss(tiny):
     """Rows of prompt, prefix, LoRA, composed and base modules sharing a 40-token head: the second
     wave finds the head's blocks cached and gets exactly the tokens the first wave got."""
-    from modules.prefix_cache import BLOCK, PrefixCache
+    from modules.core.prefix_cache import BLOCK, PrefixCache
 
     mods = [m for m in _modules(tiny) if not m.probes]
     cache = PrefixCache(max_tokens=100_000)
@@ -140,8 +138,8 @@ def test_a_prefix_cache_hit_gives_the_tokens_of_a_miss(tiny):
 
 
 def test_the_prefix_cache_is_keyed_by_content_and_bounded(tiny):
-    from modules.base import kind_class
-    from modules.prefix_cache import BLOCK, PrefixCache, content_key
+    from modules.core.prefix_cache import BLOCK, PrefixCache, content_key
+    from modules.registry import kind_class
     from tests.test_batching import _randomize
 
     a = _randomize(kind_class("prompt").new(tiny, {"num_virtual_tokens": 3}), 1, 1.0)

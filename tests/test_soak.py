@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from modules.base import kind_class
-from service.testing import running_server
+from modules.registry import kind_class
+from tests.server import running_server
 
 ADMIN = {"Authorization": "Bearer soak-admin"}
 

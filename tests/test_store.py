@@ -99,8 +99,8 @@ def test_names_never_become_paths_outside_the_store(tmp_path):
 
 
 def test_at_start_the_registry_checks_sha256_and_writes_missing_manifests_without_loading(tmp_path, tiny):
-    from modules.artifact import read_artifact
-    from modules.base import kind_class
+    from modules.core.artifact import read_artifact
+    from modules.registry import kind_class
     from service.registry import Registry
 
     blob = kind_class("prompt").new(tiny, {"num_virtual_tokens": 2}, template="{input}").to_artifact()

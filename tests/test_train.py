@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from clients.cli import main as cli_main
-from modules.artifact import read_artifact
-from modules.base import kind_class, load_module
-from modules.decode import GenItem, Sampling, ScoreItem, score
-from modules.running import generate
-from modules.stages import prepare
-from modules.train import TrainOptions, evaluate, lm_rows, mix, read_jsonl, train_module
+from modules.core.artifact import read_artifact
+from modules.core.decode import GenItem, Sampling, ScoreItem, score
+from modules.core.running import generate
+from modules.core.stages import prepare
+from modules.registry import kind_class, load_module
+from modules.training.train import TrainOptions, evaluate, lm_rows, mix, read_jsonl, train_module
 from tests.conftest import weights_digest
 
 # The tiny random model has no skill to unlock, so the task is one a prompt alone can learn: always
@@ -83,7 +83,7 @@ def test_cli_train_writes_an_artifact(tmp_path, tiny, monkeypatch):
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in ROWS))
     out = tmp_path / "m.zip"
-    monkeypatch.setattr("modules.backbone.Backbone.load", classmethod(lambda cls, *a, **k: tiny))
+    monkeypatch.setattr("modules.core.backbone.Backbone.load", classmethod(lambda cls, *a, **k: tiny))
     rc = cli_main(["train", "prompt", "--data", str(data), "--eval", str(data), "--out", str(out),
                    "--max-steps", "3", "--batch-size", "4", "--labels", '{"no": " no", "yes": " yes"}', "--template", "{input} ?"])
     assert rc == 0
@@ -157,7 +157,7 @@ def test_mix_draws_by_weight_and_lm_rows_cut_texts():
 
 
 def test_cli_trains_on_a_mixture_and_from_an_init(tmp_path, tiny, monkeypatch):
-    monkeypatch.setattr("modules.backbone.Backbone.load", classmethod(lambda cls, *a, **k: tiny))
+    monkeypatch.setattr("modules.core.backbone.Backbone.load", classmethod(lambda cls, *a, **k: tiny))
     parts = []
     for k in range(2):
         f = tmp_path / f"part{k}.jsonl"
@@ -205,7 +205,7 @@ def _fresh(tiny, kind, seed=0):
 @pytest.mark.parametrize("mode", ["F", "D"])
 @pytest.mark.parametrize("kind", list(CHILD_KINDS))
 def test_child_tuning_trains_only_the_module_and_d_only_its_child_network(tiny, kind, mode):
-    from modules.train import _Task, child_network
+    from modules.training.train import _Task, child_network
 
     before = weights_digest(tiny.model)
     opts = TrainOptions(max_steps=6, batch_size=4, lr=0.05, progress=False, child_tuning=mode, reserve_p=0.3,
@@ -237,18 +237,18 @@ def test_child_network_estimates_fisher_after_an_undone_warmup_and_keeps_p_of_ev
     down-projection, ID-PT's generator and encoder prompt, SAID's lambda) have zero gradient. After
     the warm-up every tensor has Fisher information, every tensor keeps about p of its entries,
     and the module is back at its initial state."""
-    import modules.child_tuning
-    from modules.train import _Task, child_network
+    import modules.training.child_tuning
+    from modules.training.train import _Task, child_network
 
     seen, fishers = [], []  # the parameters the Fisher estimate saw, and the estimate
-    real = modules.child_tuning.fisher_information
+    real = modules.training.child_tuning.fisher_information
 
     def spy(params, *args, **kwargs):
         seen.append({n: p.detach().clone() for n, p in params.items()})
         fishers.append(real(params, *args, **kwargs))
         return fishers[-1]
 
-    monkeypatch.setattr(modules.child_tuning, "fisher_information", spy)
+    monkeypatch.setattr(modules.training.child_tuning, "fisher_information", spy)
     # lr 0.01: at 0.05 this trivial task is solved within the warm-up and a ReLU bottleneck can die
     opts = TrainOptions(batch_size=4, lr=0.01, progress=False, child_tuning="D", reserve_p=0.3, fisher_batches=2)
     module = _fresh(tiny, kind)
@@ -271,7 +271,7 @@ def test_child_network_estimates_fisher_after_an_undone_warmup_and_keeps_p_of_ev
 def test_child_tuning_d_trains_loras_a_in_every_layer(tiny):
     """The issue's measurement: with the mask chosen at the initial state (B = 0), A never moved.
     Now A and B move in every layer, only inside the mask, from the initial state."""
-    from modules.train import _Task, child_network
+    from modules.training.train import _Task, child_network
 
     before = weights_digest(tiny.model)
     opts = TrainOptions(max_steps=3, batch_size=4, lr=0.01, progress=False, child_tuning="D", reserve_p=0.3,
@@ -320,9 +320,9 @@ def test_child_tuning_options_are_checked():
 
 
 def test_sparse_trains_the_backbones_top_fisher_weights_without_touching_them(tiny):
-    from modules.sparse import backbone_fisher_masks
-    from modules.targets import slot
-    from modules.train import _Task, fisher_batches
+    from modules.core.targets import slot
+    from modules.training.child_tuning import backbone_fisher_masks
+    from modules.training.train import _Task, fisher_batches
 
     before = weights_digest(tiny.model)
     opts = TrainOptions(max_steps=12, batch_size=4, lr=0.02, progress=False, fisher_batches=2)
@@ -362,7 +362,7 @@ def test_sparse_trains_the_backbones_top_fisher_weights_without_touching_them(ti
 
 
 def test_cli_train_child_tuning_and_sparse(tmp_path, tiny, monkeypatch):
-    monkeypatch.setattr("modules.backbone.Backbone.load", classmethod(lambda cls, *a, **k: tiny))
+    monkeypatch.setattr("modules.core.backbone.Backbone.load", classmethod(lambda cls, *a, **k: tiny))
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in ROWS))
     before = weights_digest(tiny.model)

@@ -27,10 +27,10 @@ async def infer(name: str, req: InferRequest, rt: RuntimeDep, request: Request):
 
 async def _sse(events):
     """{"text": piece} per piece, then an event `done` with the whole response (or `error`)."""
-    async for kind, value in events:
-        if kind == "text":
+    async for event, value in events:
+        if event == "text":
             yield {"data": json.dumps({"text": value})}
-        elif kind == "done":
+        elif event == "done":
             yield {"event": "done", "data": value.model_dump_json(exclude_none=True)}
         else:
             yield {"event": "error", "data": json.dumps({"error": value})}

@@ -132,10 +132,10 @@ async def chat_completions(req: ChatRequest, rt: RuntimeDep, request: Request):
 async def _stream(events, chunk):
     import json
 
-    async for kind, value in events:
-        if kind == "text":
+    async for event, value in events:
+        if event == "text":
             yield {"data": json.dumps(chunk(value, None))}
-        elif kind == "done":
+        elif event == "done":
             out = value.outputs[0]
             tail = out.text if out.finish_reason == "label" else ""  # a label arrives whole, at the end
             yield {"data": json.dumps(chunk(tail, _finish(out.finish_reason)))}

@@ -3,7 +3,7 @@
 `score` returns each label's log-likelihood as a continuation of a row (differentiable, so the
 trainer uses it too). A generation row's sampling settings, its next-token choice and its text
 (streamed as it grows, stop strings, finish reasons) live here; the decode loop that runs many
-rows together is `modules.running` (`generate`, `RunningBatch`).
+rows together is `modules.core.running` (`generate`, `RunningBatch`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modules.batch import Contribution, Row, build_pass
+from modules.core.batch import Contribution, Row, build_pass
 
 
 @dataclass

@@ -12,7 +12,7 @@ verbalizers' probabilities, the same scores the server answers a classification 
 Two ways to score candidates, one search:
 
 - `blackbox_tune(backbone, rows, ...)`: in-process, every candidate of a generation scored in
-  shared batches with `modules.decode.score` (no gradients anywhere).
+  shared batches with `modules.core.decode.score` (no gradients anywhere).
 - `blackbox_tune_http(client, rows, ...)`: language-model-as-a-service: each candidate is uploaded as
   a `prompt` module under a scratch task, the training rows are sent to `POST /tasks/<scratch>/infer`
   and the loss is read from the returned label probabilities; the scratch task is deleted at the
@@ -40,21 +40,30 @@ import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from modules.backbone import Backbone
-from modules.base import MANIFEST_FILE, WEIGHTS_FILE, BackboneRef, Manifest, TaskModule, kind_class, pack
-from modules.batch import Contribution
-from modules.decode import ScoreItem, score
-from modules.prompt import PromptConfig
-from modules.train import default_labels, evaluate
+from modules.core.artifact import pack
+from modules.core.backbone import Backbone
+from modules.core.batch import Contribution
+from modules.core.decode import ScoreItem, score
+from modules.core.module import MANIFEST_FILE, WEIGHTS_FILE, BackboneRef, Manifest, TaskModule
+from modules.kinds.prompt import PromptConfig, PromptModule
+from modules.registry import kind_class
+from modules.training.train import default_labels, evaluate
 
-if TYPE_CHECKING:
-    from clients.client import Client
+
+class Service(Protocol):
+    """What black-box tuning over HTTP needs of a client (`clients.Client` is one)."""
+
+    def backbone(self) -> dict: ...
+    def list_tasks(self) -> list: ...          # items with a `name`
+    def upload(self, name: str, artifact: bytes): ...
+    def infer(self, name: str, inputs: list[str]): ...  # `.outputs[i].scores`
+    def delete(self, name: str) -> None: ...
 
 
 @dataclass
@@ -106,7 +115,7 @@ def prompt_artifact(manifest: Manifest, prompt: torch.Tensor) -> bytes:
     the same files `PromptModule.to_artifact()` writes."""
     from safetensors.torch import save
 
-    if manifest.kind != "prompt" or prompt.dim() != 2:
+    if manifest.kind != PromptModule.kind or prompt.dim() != 2:
         raise ValueError("a prompt artifact needs a manifest of kind 'prompt' and a (P, H) tensor")
     return pack({MANIFEST_FILE: manifest.model_dump_json(indent=2).encode(),
                  WEIGHTS_FILE: save({"prompt.embeddings": prompt.detach().to("cpu", torch.float32).contiguous()})})
@@ -123,13 +132,11 @@ def projection_std(embedding_std: float, opts: BlackBoxOptions) -> float:
     return opts.alpha * embedding_std / (math.sqrt(opts.intrinsic_dim) * opts.sigma)
 
 
-def label_loss(logp: torch.Tensor, gold: torch.Tensor, kind: str) -> tuple[float, float]:
+def label_loss(logp: torch.Tensor, gold: torch.Tensor, loss: str) -> tuple[float, float]:
     """(loss, accuracy) of rows' label log-probabilities (N, K) against gold indices (N,)."""
-    if kind == "ce":
-        loss = torch.nn.functional.nll_loss(logp, gold)
-    else:
-        loss = torch.nn.functional.multi_margin_loss(logp, gold, margin=1.0)
-    return float(loss), float((logp.argmax(-1) == gold).float().mean())
+    value = (torch.nn.functional.nll_loss(logp, gold) if loss == "ce"
+             else torch.nn.functional.multi_margin_loss(logp, gold, margin=1.0))
+    return float(value), float((logp.argmax(-1) == gold).float().mean())
 
 
 # --- the search ----------------------------------------------------------------------------------
@@ -283,7 +290,7 @@ def blackbox_tune(backbone: Backbone, rows: list[dict], options: BlackBoxOptions
 class _HttpObjective:
     """Scores a candidate prompt through the service: upload it under the scratch task, infer."""
 
-    def __init__(self, client: "Client", task: str, manifest: Manifest, rows: list[dict], opts: BlackBoxOptions):
+    def __init__(self, client: Service, task: str, manifest: Manifest, rows: list[dict], opts: BlackBoxOptions):
         self.client, self.task, self.manifest, self.opts = client, task, manifest, opts
         self.labels = list(manifest.labels)
         self.inputs = [str(r["input"]) for r in rows]
@@ -308,7 +315,7 @@ class _HttpObjective:
         return out
 
 
-def blackbox_tune_http(client: "Client", rows: list[dict], options: BlackBoxOptions | None = None,
+def blackbox_tune_http(client: Service, rows: list[dict], options: BlackBoxOptions | None = None,
                        eval_rows: list[dict] | None = None, config: dict | None = None, *,
                        backbone: Backbone | None = None, embedding_std: float | None = None,
                        scratch_task: str | None = None, **manifest_fields) -> BlackBoxResult:
@@ -319,8 +326,6 @@ def blackbox_tune_http(client: "Client", rows: list[dict], options: BlackBoxOpti
     probabilities `infer` returns on the rows; the scratch task is deleted at the end, also on
     errors. With `backbone` (a local copy of the served one, same fingerprint) p0 and std_hat come
     from it as in-process; without, p0 = 0 and `embedding_std` (required) is std_hat."""
-    from clients.client import FrozenLMError, NotFound
-
     opts = options or BlackBoxOptions()
     start = time.monotonic()
     manifest_fields = _labelled(rows, manifest_fields)
@@ -344,11 +349,7 @@ def blackbox_tune_http(client: "Client", rows: list[dict], options: BlackBoxOpti
     A = random_projection(p0.numel(), opts.intrinsic_dim, projection_std(std_hat, opts), opts.seed)  # (P*H, d)
 
     task = scratch_task or f"bbt-{uuid.uuid4().hex[:12]}"
-    try:
-        client.get_task(task)
-    except NotFound:
-        pass
-    else:
+    if task in {t.name for t in client.list_tasks()}:
         raise ValueError(f"task {task!r} already exists; black-box tuning needs a scratch task of its own")
     failed = True
     try:
@@ -364,10 +365,9 @@ def blackbox_tune_http(client: "Client", rows: list[dict], options: BlackBoxOpti
         failed = False
     finally:
         try:
-            client.delete(task)
-        except NotFound:
-            pass
-        except FrozenLMError:
+            if task in {t.name for t in client.list_tasks()}:
+                client.delete(task)
+        except Exception:
             if not failed:  # else the error that stopped the search is the one to see
                 raise
     return BlackBoxResult(prompt, found.z, manifest, metrics, found.history)

@@ -11,7 +11,7 @@ trained on the task from that artifact (`--init`).
 Textual recursion (mode "textual"): pass 1 samples `candidates` short answers; pass 2 reads
 `[pass-2 prompt | "Candidate answers: a | b | c" | input]`.
 
-Pass 1 is a probe (modules.stages): the first passes of every recursive row in a batch run
+Pass 1 is a probe (modules.core.stages): the first passes of every recursive row in a batch run
 together (with other kinds' probes); pass 2 joins the main batch with every other kind.
 
 Example::
@@ -28,10 +28,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from modules.base import TaskModule
-from modules.batch import Contribution, Row
-from modules.decode import Sampling
-from modules.stages import Probe
+from modules.core.batch import Contribution, Row
+from modules.core.decode import Sampling
+from modules.core.module import TaskModule
+from modules.core.stages import Probe
 
 
 class RecursiveConfig(BaseModel):

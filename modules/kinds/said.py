@@ -40,9 +40,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from modules.base import TaskModule
-from modules.batch import Contribution
-from modules.targets import DenseDeltas, Target, select_linears
+from modules.core.batch import Contribution
+from modules.core.module import TaskModule
+from modules.core.targets import DenseDeltas, Target, select_linears
 
 
 class SAIDConfig(BaseModel):

@@ -18,9 +18,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from modules.base import TaskModule
-from modules.batch import Contribution
-from modules.targets import Target, pattern_values, select_linears, slot
+from modules.core.batch import Contribution
+from modules.core.module import TaskModule
+from modules.core.targets import Target, pattern_values, select_linears, slot
 
 MAX_RANK = 256
 
@@ -37,7 +37,7 @@ class LoRAConfig(BaseModel):
     layers: list[int] | None = Field(None, description="Decoder layers to adapt; None = all.")
     rank_pattern: dict[str, Annotated[int, Field(ge=1, le=MAX_RANK)]] = Field(
         default_factory=dict, description="Per-layer rank overrides: regex over the layer key -> r "
-                                          "(see modules.targets.pattern_values).")
+                                          "(see modules.core.targets.pattern_values).")
     alpha_pattern: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict, description="Per-layer alpha overrides: regex over the layer key -> alpha.")
     seed: int = 0

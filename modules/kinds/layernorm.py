@@ -21,9 +21,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from modules.base import TaskModule
-from modules.batch import Contribution
-from modules.targets import SlotKeys, select_norms, slot
+from modules.core.batch import Contribution
+from modules.core.module import TaskModule
+from modules.core.targets import SlotKeys, select_norms, slot
 
 NormTarget = Literal["input_layernorm", "post_attention_layernorm", "norm"]
 

@@ -190,7 +190,7 @@ class Backbone:
             vocab_size=cfg.vocab_size,
             fingerprint=fingerprint(self.model),
         )
-        self._plan = None  # the per-row deltas of the pass running now (a modules.batch.DeltaPlan)
+        self._plan = None  # the per-row deltas of the pass running now (a modules.core.batch.DeltaPlan)
         self.linear_keys = self._hook_linears()
         self.norm_keys = self._hook_norms()
 

@@ -3,8 +3,8 @@
 One request goes through four steps, two of them backbone passes that batch with other tasks' rows:
 
 1. retrieve: the `candidates` best documents for the question (BM25, dense or hybrid; see
-   modules/retrieval.py), from the documents attached to the module (`module.documents`);
-2. rerank (a probe, modules.stages): one row per candidate, `rerank_template` rendered with the
+   modules/core/retrieval.py), from the documents attached to the module (`module.documents`);
+2. rerank (a probe, modules.core.stages): one row per candidate, `rerank_template` rendered with the
    passage (cut to `rerank_passage_tokens`) and then the question, read at layer `reranker_depth` of
    the frozen backbone; the states of the positions after the passage (the question, which has
    read the passage: a causal model's joint encoding) are averaged, and a small head scores them:
@@ -48,11 +48,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from modules.artifact import ArtifactError
-from modules.base import TaskModule
-from modules.batch import Contribution, Row
-from modules.retrieval import Document, Retriever
-from modules.stages import Prepared, Probe
+from modules.core.artifact import ArtifactError
+from modules.core.batch import Contribution, Row
+from modules.core.module import TaskModule
+from modules.core.retrieval import Document, Retriever
+from modules.core.stages import Prepared, Probe
 
 _SLOT = re.compile(r"(\{context\}|\{input\}|\{passage\})")
 

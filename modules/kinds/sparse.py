@@ -2,7 +2,7 @@
 applied per row without touching the shared weights: `y' = y + x @ dW.T`.
 
 Child-Tuning updates only a child network: the weights a mask selects (for Child-Tuning_D, the
-ones with the largest Fisher information on the task; see modules/child_tuning.py). Here the
+ones with the largest Fisher information on the task; see modules/training/child_tuning.py). Here the
 selected positions are fixed and their updates are the module's parameters, so the delta is
 exactly what Child-Tuning would have written into the weights, kept aside per task.
 
@@ -12,10 +12,10 @@ config records nnz per layer, so every tensor's shape is known before the weight
 densified once per layer at first use (one dense (out, in) matrix per layer: fine for small
 models, counted in `nbytes`).
 
-Trained end to end by `modules.train.train_module(backbone, "sparse", rows, config=...)`: with a
+Trained end to end by `modules.training.train.train_module(backbone, "sparse", rows, config=...)`: with a
 `SparseFisherConfig` (targets, layers, reserve_p; no `nnz`) the positions are Child-Tuning_D's
 child network, the top reserve_p fraction of the chosen layers' weights by diagonal Fisher
-information (`backbone_fisher_masks`: squared gradients w.r.t. the backbone's own weights over a
+information (`modules.training.child_tuning.backbone_fisher_masks`: squared gradients w.r.t. the backbone's own weights over a
 few training batches), and their deltas are then trained; the backbone ends bit-identical.
 
 Example::
@@ -31,10 +31,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from modules.artifact import ArtifactError
-from modules.base import BackboneRef, Manifest, TaskModule
-from modules.batch import Contribution
-from modules.targets import DenseDeltas, SlotKeys, Target, slot
+from modules.core.artifact import ArtifactError
+from modules.core.batch import Contribution
+from modules.core.module import BackboneRef, Manifest, TaskModule
+from modules.core.targets import DenseDeltas, SlotKeys, Target, slot
 
 
 class SparseConfig(BaseModel):
@@ -56,30 +56,6 @@ class SparseFisherConfig(BaseModel):
     layers: list[int] | None = Field(None, description="Decoder layers; None = all.")
     reserve_p: float = Field(0.01, gt=0.0, le=1.0,
                              description="Fraction of the chosen weights updated (ranked over all of them together).")
-
-
-def backbone_fisher_masks(backbone, keys: list[str], batches, loss_fn, p: float, *, max_grad_norm: float | None = 1.0,
-                          progress: bool = True) -> dict[str, torch.Tensor]:
-    """Child-Tuning_D's child network among the backbone's own weights of the linear layers `keys`:
-    the top fraction `p` of their entries by diagonal Fisher information (squared gradients of
-    `loss_fn(batch)` over `batches`, each layer's gradient clipped to `max_grad_norm` first, as
-    the reference does). {key: bool (out, in)}
-
-    Gradients are enabled on those weights only while this runs, and their `requires_grad` and
-    `.grad` are restored afterwards; nothing is written into the weights."""
-    from modules.child_tuning import fisher_masks
-
-    base = backbone.model.base_model
-    weights = {key: base.get_submodule(key).weight for key in keys}
-    state = {key: (w.requires_grad, w.grad) for key, w in weights.items()}
-    try:
-        for w in weights.values():
-            w.requires_grad_(True)
-        return fisher_masks(weights, batches, loss_fn, p, max_grad_norm=max_grad_norm, progress=progress)
-    finally:
-        for key, w in weights.items():
-            w.requires_grad_(state[key][0])
-            w.grad = state[key][1]
 
 
 class SparseModule(SlotKeys, TaskModule):

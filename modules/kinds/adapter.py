@@ -30,9 +30,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from modules.base import TaskModule
-from modules.batch import Contribution
-from modules.targets import SlotKeys, Target, select_linears, slot
+from modules.core.batch import Contribution
+from modules.core.module import TaskModule
+from modules.core.targets import SlotKeys, Target, select_linears, slot
 
 # parallel style: the block's last layer -> the layer whose input is the block's input
 BLOCK_INPUT = {"o_proj": "q_proj", "down_proj": "up_proj"}

@@ -6,7 +6,7 @@ rsLoRA, rank/alpha patterns), prompt tuning, P-tuning (PEFT saves the prompt enc
 prefix tuning (PEFT saves the projected keys and values). Pickle `adapter_model.bin` files are
 refused; so are adapters whose shapes do not fit this backbone, LoRA tensors whose rank is not
 the one `r` and `rank_pattern` give (as PEFT itself refuses them), and NaN or Infinity anywhere in
-`adapter_config.json`. Patterns are matched by `modules.targets.pattern_values` (time-bounded).
+`adapter_config.json`. Patterns are matched by `modules.core.targets.pattern_values` (time-bounded).
 """
 
 from __future__ import annotations
@@ -16,10 +16,13 @@ from collections import Counter
 
 import torch
 
-from modules.artifact import ArtifactError
-from modules.backbone import Backbone
-from modules.base import BackboneMismatch, BackboneRef, Manifest, TaskModule, kind_class, loads
-from modules.targets import pattern_values, select_linears
+from modules.core.artifact import ArtifactError
+from modules.core.backbone import Backbone
+from modules.core.module import BackboneMismatch, BackboneRef, Manifest, TaskModule, loads
+from modules.core.targets import pattern_values, select_linears
+from modules.kinds.lora import LoRAModule
+from modules.kinds.prefix import PrefixModule
+from modules.kinds.prompt import PromptModule
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -82,7 +85,7 @@ def _lora(cfg: dict, tensors: dict[str, torch.Tensor], backbone: Backbone) -> Ta
         raise ArtifactError("PEFT LoRA adapter adapts an irregular set of layers that cannot be expressed "
                             f"as targets x layers: {sorted(A)[:6]}...")
     native = {f"lora.A.{k}": A[k] for k in A} | {f"lora.B.{k}": B[k] for k in B}
-    return kind_class("lora").from_tensors(_manifest("lora", config, backbone, cfg), native, backbone)
+    return LoRAModule.from_tensors(_manifest("lora", config, backbone, cfg), native, backbone)
 
 
 def _by_pattern(cfg: dict, field: str, keys, default) -> dict:
@@ -101,7 +104,7 @@ def _prompt(cfg: dict, tensors: dict[str, torch.Tensor], backbone: Backbone) -> 
         raise BackboneMismatch(f"PEFT prompt embeddings have shape {tuple(emb.shape)}; this backbone "
                                f"({backbone.name}) needs (P, {backbone.hidden_size})")
     config = {"num_virtual_tokens": emb.shape[0]}
-    return kind_class("prompt").from_tensors(_manifest("prompt", config, backbone, cfg),
+    return PromptModule.from_tensors(_manifest("prompt", config, backbone, cfg),
                                              {"prompt.embeddings": emb}, backbone)
 
 
@@ -115,7 +118,7 @@ def _prefix(cfg: dict, tensors: dict[str, torch.Tensor], backbone: Backbone) -> 
     P = emb.shape[0]
     kv = emb.view(P, 2 * i.num_layers, i.num_kv_heads, i.head_dim).permute(1, 2, 0, 3)  # (2N, kvh, P, hd)
     config = {"num_virtual_tokens": P}
-    return kind_class("prefix").from_tensors(
+    return PrefixModule.from_tensors(
         _manifest("prefix", config, backbone, cfg),
         {"prefix.keys": kv[0::2].contiguous(), "prefix.values": kv[1::2].contiguous()}, backbone)
 

@@ -7,8 +7,8 @@ several steps), then runs one decode token for every running row:
     slots --one decode token per step--> a row leaves the step it finishes (EOS, stop, length, cancel)
 
 A chunk after the first runs as a row whose earlier keys/values come in as a key/value prefix
-(`modules.batch.Contribution.prefix`), exactly as a `prefix` module's do; a prefix-cache hit
-(`modules.prefix_cache`) starts a row the same way.
+(`modules.core.batch.Contribution.prefix`), exactly as a `prefix` module's do; a prefix-cache hit
+(`modules.core.prefix_cache`) starts a row the same way.
 
 Keys and values of the running rows live in one buffer per layer, `(slots, kv_heads, columns,
 head_dim)`. Every decode step writes the next token of every slot at the same column `n`:
@@ -27,7 +27,7 @@ the left), or compaction when most slots or leading columns are dead. The price 
 attention reads the masked columns before a late row's start, bounded by that compaction.
 
 Each row keeps its own position ids, mask and linear deltas, so its tokens are those it gets alone
-(the left-padding argument of `modules.batch`).
+(the left-padding argument of `modules.core.batch`).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ import logging
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from modules.batch import DeltaPlan, Row, build_pass
-from modules.decode import Generated, GenItem, RowError, _pick, _RowState
-from modules.prefix_cache import PrefixCache, row_kv
+from modules.core.batch import DeltaPlan, Row, build_pass
+from modules.core.decode import Generated, GenItem, RowError, _pick, _RowState
+from modules.core.prefix_cache import PrefixCache, row_kv
 
 log = logging.getLogger("frozenlm.running")
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from modules.batch import Contribution, Row, build_pass
-from modules.decode import GenItem, Sampling
-from modules.running import generate
+from modules.core.batch import Contribution, Row, build_pass
+from modules.core.decode import GenItem, Sampling
+from modules.core.running import generate
 
 
 @dataclass(frozen=True)

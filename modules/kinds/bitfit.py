@@ -15,9 +15,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from modules.base import TaskModule
-from modules.batch import Contribution
-from modules.targets import TARGETS, SlotKeys, Target, select_linears, slot
+from modules.core.batch import Contribution
+from modules.core.module import TaskModule
+from modules.core.targets import TARGETS, SlotKeys, Target, select_linears, slot
 
 
 class BitFitConfig(BaseModel):

@@ -16,7 +16,7 @@ from typing import Literal
 import regex
 import torch
 
-from modules.artifact import ArtifactError
+from modules.core.artifact import ArtifactError
 
 Target = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS: tuple[str, ...] = Target.__args__

@@ -202,3 +202,25 @@ def fisher_masks(params: Mapping[str, torch.Tensor], batches: Iterable, loss_fn:
     _check_p(p, "p")  # fail before spending a pass over the data
     fisher = fisher_information(params, batches, loss_fn, max_grad_norm=max_grad_norm, progress=progress)
     return top_p_masks(fisher, p, per_tensor=per_tensor, seed=seed)
+
+
+def backbone_fisher_masks(backbone, keys: list[str], batches, loss_fn, p: float, *, max_grad_norm: float | None = 1.0,
+                          progress: bool = True) -> dict[str, torch.Tensor]:
+    """Child-Tuning_D's child network among the backbone's own weights of the linear layers `keys`:
+    the top fraction `p` of their entries by diagonal Fisher information (squared gradients of
+    `loss_fn(batch)` over `batches`, each layer's gradient clipped to `max_grad_norm` first, as
+    the reference does). {key: bool (out, in)}
+
+    Gradients are enabled on those weights only while this runs, and their `requires_grad` and
+    `.grad` are restored afterwards; nothing is written into the weights."""
+    base = backbone.model.base_model
+    weights = {key: base.get_submodule(key).weight for key in keys}
+    state = {key: (w.requires_grad, w.grad) for key, w in weights.items()}
+    try:
+        for w in weights.values():
+            w.requires_grad_(True)
+        return fisher_masks(weights, batches, loss_fn, p, max_grad_norm=max_grad_norm, progress=progress)
+    finally:
+        for key, w in weights.items():
+            w.requires_grad_(state[key][0])
+            w.grad = state[key][1]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from modules.base import TaskModule
+from modules.core.module import TaskModule
 
 
 class TemplateConfig(BaseModel):

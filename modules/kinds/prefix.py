@@ -16,9 +16,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from modules.artifact import ArtifactError
-from modules.base import TaskModule
-from modules.batch import Contribution
+from modules.core.artifact import ArtifactError
+from modules.core.batch import Contribution
+from modules.core.module import TaskModule
 
 
 class PrefixConfig(BaseModel):

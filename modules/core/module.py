@@ -1,21 +1,15 @@
-"""The module protocol: manifest, kind registry, the TaskModule base class.
+"""The module protocol: the manifest and the TaskModule base class every kind derives from.
 
 A task module is immutable once loaded. It knows how to turn a request's text into token ids
 (its `template`) and what it contributes to a backbone pass (`contribution`). The engine never
 asks which kind it is.
 
-Example::
-
-    cls = kind_class("prompt")               # loud KeyError-style error on unknown kinds
-    module = cls.new(backbone, cls.Config(num_virtual_tokens=16))
-    blob = module.to_artifact()               # zip bytes: module.json + weights.safetensors
-    again = load_module(read_artifact(blob), backbone)
+The registry of kinds and the artifact loader are in `modules.registry`.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import math
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -24,12 +18,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
-from modules.artifact import ArtifactError, pack, read_artifact  # noqa: F401  (re-exported)
-from modules.backbone import Backbone
-from modules.batch import Contribution
+from modules.core.artifact import ArtifactError, pack
+from modules.core.backbone import Backbone
+from modules.core.batch import Contribution
 
 if TYPE_CHECKING:
-    from modules.stages import Prepared, Probe
+    from modules.core.stages import Prepared, Probe
 
 FORMAT = "frozenlm.module/1"
 MANIFEST_FILE = "module.json"
@@ -37,41 +31,8 @@ WEIGHTS_FILE = "weights.safetensors"
 MAX_LABELS = 32        # labels of a classification task
 MAX_LABEL_TOKENS = 16  # tokens of one label's verbalizer
 
-# The kind registry: one line per kind, "kind": "module:Class". Adding a kind = its file + one line.
-KINDS: dict[str, str] = {
-    "prompt": "modules.prompt:PromptModule",
-    "template": "modules.template:TemplateModule",
-    "lora": "modules.lora:LoRAModule",
-    "prefix": "modules.prefix:PrefixModule",
-    "compose": "modules.compose:ComposeModule",
-    "bitfit": "modules.bitfit:BitFitModule",
-    "ia3": "modules.ia3:IA3Module",
-    "adapter": "modules.adapter:AdapterModule",
-    "said": "modules.said:SAIDModule",
-    "sparse": "modules.sparse:SparseModule",
-    "idpt": "modules.idpt:IDPTModule",
-    "recursive": "modules.recursive:RecursiveModule",
-    "rrr": "modules.rrr:RRRModule",
-    "layernorm": "modules.layernorm:LayerNormModule",
-}
-
-
-class UnknownKind(ArtifactError):
-    def __init__(self, kind: str):
-        super().__init__(f"unknown module kind {kind!r}; known kinds: {', '.join(sorted(KINDS))}")
-
-
 class BackboneMismatch(ArtifactError):
     """The module was made for another backbone (HTTP 409)."""
-
-
-def kind_class(kind: str) -> type["TaskModule"]:
-    try:
-        target = KINDS[kind]
-    except KeyError:
-        raise UnknownKind(kind) from None
-    mod, _, cls = target.partition(":")
-    return getattr(importlib.import_module(mod), cls)
 
 
 class _Strict(BaseModel):
@@ -253,13 +214,13 @@ class TaskModule(nn.Module):
     def contribution(self, ids: list[int]) -> Contribution:
         """What this module adds to a backbone pass for a row with these token ids."""
         if self.probes:
-            raise TypeError(f"a {self.kind} row needs a probe first: use modules.stages.prepare")
+            raise TypeError(f"a {self.kind} row needs a probe first: use modules.core.stages.prepare")
         return Contribution()
 
     def probe(self, ids: list[int]) -> "Probe | None":
         """A backbone pass this module needs over the input before its row runs, or None (the
         usual case). A module that probes turns the result into its row in `finish`; see
-        modules.stages, which runs the probes of a whole batch together."""
+        modules.core.stages, which runs the probes of a whole batch together."""
         return None
 
     def finish(self, ids: list[int], results: list) -> "tuple[list[int], Contribution] | Prepared":
@@ -324,7 +285,7 @@ class TaskModule(nn.Module):
 
     def to_artifact(self, files: dict[str, bytes] | None = None, **manifest_updates) -> bytes:
         """The zip bytes; `files`: more files to carry (e.g. a task's documents, see
-        modules.retrieval.documents_files)."""
+        modules.core.retrieval.documents_files)."""
         from safetensors.torch import save
 
         manifest = self.manifest.model_copy(update={"config": self.artifact_config(), **manifest_updates})
@@ -339,19 +300,6 @@ def encode_template(tokenizer, template: str, chat: bool, text: str) -> list[int
                                                tokenize=False, add_generation_prompt=True)
         return tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return tokenizer(prompt)["input_ids"]
-
-
-class NoModule(TaskModule):
-    """The reserved task `base`: the backbone alone, through its chat template when it has one."""
-
-    kind = "base"
-    Config = _Strict
-
-    def __init__(self, backbone: Backbone):
-        manifest = Manifest(kind="base", backbone=BackboneRef.of(backbone),
-                            chat=backbone.tokenizer.chat_template is not None,
-                            description="The frozen backbone with no task module.")
-        super().__init__(manifest, _Strict(), backbone)
 
 
 def _finite(text: str) -> float:
@@ -390,27 +338,3 @@ def weight_shapes(data: bytes) -> dict[str, tuple[int, ...]]:
         return shapes
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise ArtifactError(f"{WEIGHTS_FILE} is not a valid safetensors file: {e}") from e
-
-
-def load_module(files: dict[str, bytes], backbone: Backbone) -> TaskModule:
-    """Turn the files of an unpacked artifact into a loaded, validated module."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    if MANIFEST_FILE not in files:
-        from modules.peft_import import is_peft, load_peft
-
-        if is_peft(files):
-            return load_peft(files, backbone)
-        raise ArtifactError(f"artifact has no {MANIFEST_FILE} (nor a PEFT adapter_config.json); "
-                            f"files: {sorted(files)[:10]}")
-    manifest = parse_manifest(files[MANIFEST_FILE])
-    cls = kind_class(manifest.kind)
-    if WEIGHTS_FILE not in files:
-        raise ArtifactError(f"artifact has no {WEIGHTS_FILE}; weights must be safetensors (never pickle)")
-    cls.check(manifest, weight_shapes(files[WEIGHTS_FILE]), backbone)  # before any tensor is read
-    try:
-        tensors = load(files[WEIGHTS_FILE])
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise ArtifactError(f"{WEIGHTS_FILE} is not a valid safetensors file: {e}") from e
-    return cls.from_tensors(manifest, tensors, backbone)

@@ -18,9 +18,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from modules.base import TaskModule
-from modules.batch import Contribution
-from modules.targets import SlotKeys, Target, select_linears, slot
+from modules.core.batch import Contribution
+from modules.core.module import TaskModule
+from modules.core.targets import SlotKeys, Target, select_linears, slot
 
 
 class IA3Config(BaseModel):

@@ -14,13 +14,13 @@ trainer's loss over `fisher_batches` training batches). The Fisher information i
 tensor upstream of a zero-initialised output (LoRA's A while B = 0, an adapter's down-projection,
 ID-PT's generator, SAID's lambda) has zero gradient, so zero Fisher information, and would never be
 chosen. Training then starts from the initial state with the mask. Both modes mask inside the
-optimizer step, before Adam's moment updates (modules/child_tuning.py).
+optimizer step, before Adam's moment updates (modules/training/child_tuning.py).
 
 Kind `sparse` without `nnz` in its config is Child-Tuning_D on the backbone's own weights: the
 positions are the top `reserve_p` fraction of the chosen layers' weights by Fisher information
 (gradients w.r.t. the backbone's weights, enabled for those weights only while the Fisher
 information is estimated; the backbone is never written), then their deltas are trained
-(`modules.sparse.SparseFisherConfig`).
+(`modules.kinds.sparse.SparseFisherConfig`).
 
 Example::
 
@@ -48,13 +48,16 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from modules.backbone import Backbone
-from modules.base import TaskModule, kind_class
-from modules.calibration import label_probs
-from modules.child_tuning import ChildTuningAdamW, _check_p, fisher_masks
-from modules.decode import GenItem, Sampling, ScoreItem, score
-from modules.running import generate
-from modules.stages import prepare
+from modules.core.backbone import Backbone
+from modules.core.calibration import label_probs
+from modules.core.decode import GenItem, Sampling, ScoreItem, score
+from modules.core.module import TaskModule
+from modules.core.running import generate
+from modules.core.stages import prepare
+from modules.core.targets import select_linears
+from modules.kinds.sparse import SparseFisherConfig, SparseModule
+from modules.registry import kind_class
+from modules.training.child_tuning import ChildTuningAdamW, _check_p, backbone_fisher_masks, fisher_masks
 
 
 @dataclass
@@ -286,12 +289,12 @@ def child_network(module: TaskModule, task: "_Task", rows: list[dict], opt: Trai
 
 
 def _sparse_by_fisher(backbone: Backbone, rows: list[dict], opt: TrainOptions, config: dict | None,
-                      manifest_fields: dict) -> tuple[TaskModule, dict]:
+                      manifest_fields: dict) -> tuple[TaskModule, dict] | None:
     """Kind sparse by Child-Tuning_D on the backbone's weights: positions = the top reserve_p
-    fraction of the chosen layers' weights by Fisher information under this trainer's loss."""
-    from modules.sparse import SparseFisherConfig, SparseModule, backbone_fisher_masks
-    from modules.targets import select_linears
-
+    fraction of the chosen layers' weights by Fisher information under this trainer's loss.
+    None when the config fixes the positions itself (`nnz`)."""
+    if "nnz" in (config or {}):
+        return None
     cfg = SparseFisherConfig(**(config or {}))
     keys = list(select_linears(backbone, cfg.targets, cfg.layers))
     probe = kind_class("template").new(backbone, None, **manifest_fields)  # same template and labels, no weights
@@ -303,6 +306,10 @@ def _sparse_by_fisher(backbone: Backbone, rows: list[dict], opt: TrainOptions, c
                        "candidates": sum(int(m.numel()) for m in masks.values()),
                        "selected": sum(int(m.sum()) for m in masks.values())}}
     return module, info
+
+
+# Kinds whose shape the training data chooses when their config leaves it open.
+_FROM_DATA = {"sparse": _sparse_by_fisher}
 
 
 def make_optimizer(module: TaskModule, task: "_Task", rows: list[dict], opt: TrainOptions) -> tuple[torch.optim.Optimizer, dict]:
@@ -342,11 +349,9 @@ def train_module(backbone: Backbone, kind: str, rows: list[dict], options: Train
         if init.kind != kind:
             raise ValueError(f"cannot start a {kind} module from a {init.kind} module")
         config = init.manifest.config
-    extra: dict = {}
-    if kind == "sparse" and init is None and "nnz" not in (config or {}):
-        module, extra = _sparse_by_fisher(backbone, rows, opt, config, manifest_fields)
-    else:
-        module = kind_class(kind).new(backbone, config, **manifest_fields)
+    from_data = _FROM_DATA.get(kind) if init is None else None
+    module, extra = (from_data and from_data(backbone, rows, opt, config, manifest_fields)) or \
+        (kind_class(kind).new(backbone, config, **manifest_fields), {})
     if init is not None:
         module.load_tensors(init.tensors())
     module.train()

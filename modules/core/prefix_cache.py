@@ -9,7 +9,7 @@ smaller block caches more of a short fixed head): block i of a row is keyed by a
 the module's content hash and the ids of blocks 0..i, and holds the keys/values of its
 own positions (block 0 also those of the module's prefix and virtual tokens). A row that finds its
 first k blocks skips their prefill: it runs as a row with a key/value prefix (see
-`modules.batch.Contribution.prefix`) and its remaining ids.
+`modules.core.batch.Contribution.prefix`) and its remaining ids.
 
 The content hash is a sha256 over the module's kind, manifest and tensors, never its task name:
 a reloaded or replaced module with the same name never reuses the old module's keys/values.

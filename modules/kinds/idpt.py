@@ -11,7 +11,7 @@ Instead of one fixed soft prompt, a small network reads the input and writes a p
 3. the P vectors are prepended to the input of the frozen backbone, like a soft prompt.
 
 `W_o` starts at zero, so a new module is exactly a soft prompt (its queries) and training can only
-add input dependence. The encoder pass is a probe (modules.stages): the encoder passes of every
+add input dependence. The encoder pass is a probe (modules.core.stages): the encoder passes of every
 idpt row in a batch run together, then the rows join the main pass with every other kind.
 
 Example::
@@ -27,9 +27,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from modules.base import TaskModule
-from modules.batch import Contribution, Row
-from modules.stages import Probe
+from modules.core.batch import Contribution, Row
+from modules.core.module import TaskModule
+from modules.core.stages import Probe
 
 
 class IDPTConfig(BaseModel):

@@ -22,9 +22,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from modules.artifact import ArtifactError
-from modules.base import TaskModule
-from modules.batch import Contribution
+from modules.core.artifact import ArtifactError
+from modules.core.batch import Contribution
+from modules.core.module import TaskModule
 
 
 class PromptConfig(BaseModel):

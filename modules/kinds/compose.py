@@ -17,8 +17,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from modules.base import TaskModule, kind_class
-from modules.batch import Contribution
+from modules.core.batch import Contribution
+from modules.core.module import TaskModule
+from modules.registry import kind_class
 
 
 class Part(BaseModel):

@@ -1,6 +1,6 @@
 """Label probabilities of a classification task: length normalization and contextual calibration.
 
-A task's labels are scored as continuations (`modules.decode.score`): a log-likelihood per label.
+A task's labels are scored as continuations (`modules.core.decode.score`): a log-likelihood per label.
 Two options of the manifest's `scoring` change how they become probabilities:
 
 - `length_normalize`: a multi-token verbalizer is scored by its mean token log-likelihood, so a
@@ -39,8 +39,8 @@ def prior(backbone, module, frozen: bool = True) -> torch.Tensor:
     """Mean label probabilities on the content-free inputs. (K,) `frozen`: memoize per module."""
     if frozen and module in _priors:
         return _priors[module]
-    from modules.decode import ScoreItem, score
-    from modules.stages import prepare
+    from modules.core.decode import ScoreItem, score
+    from modules.core.stages import prepare
 
     with torch.no_grad():
         rows = prepare(backbone, [(module, module.encode(text)) for text in CONTENT_FREE])

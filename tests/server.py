@@ -1,4 +1,4 @@
-"""Start a real server in a subprocess on a free loopback port (for tests and benchmarks).
+"""Start a real server in a subprocess on a free loopback port, for tests and benchmarks.
 
     with running_server({"FROZENLM_STORE_DIR": "/tmp/store"}) as url:
         Client(url).infer("base", "hi")
