@@ -64,32 +64,6 @@ def _items(tiny, mods, n_new=12):
             for i, r in enumerate(_rows(tiny, pairs))]
 
 
-def test_probes_batched_equal_alone(tiny):
-    """The probing kinds' rows, prepared in one batch with everything else, equal each prepared alone."""
-    mods = _modules(tiny)
-    pairs = [(m, t) for m in mods for t in TEXTS[:3]]
-    together = _rows(tiny, pairs)
-    for pair, row in zip(pairs, together):
-        alone = _rows(tiny, [pair])[0]
-        assert row.ids == alone.ids
-        c, c1 = row.contribution, alone.contribution
-        for name in ("prepend", "prefix"):
-            a, b = getattr(c, name), getattr(c1, name)
-            assert (a is None) == (b is None)
-            if a is not None:
-                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-
-
-def test_mixed_batch_greedy_equals_each_row_alone(tiny):
-    items = _items(tiny, _modules(tiny))
-    assert len(items) >= 8
-    together = generate(tiny, items)
-    alone = [generate(tiny, [it])[0] for it in items]
-    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
-    assert len({tuple(g.token_ids) for g in together}) > 6  # the rows really differ
-    assert all(g.finish_reason in ("stop", "length") for g in together)
-
-
 def test_base_rows_in_a_mixed_batch_equal_plain_hf_generate(tiny):
     mods = _modules(tiny)
     items = _items(tiny, mods)
