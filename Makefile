@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-slow clean
+.PHONY: install serve test test-slow lint bench clean
 
 LOCKS := requirements/runtime.lock requirements/ray.lock requirements/test.lock
 
@@ -32,6 +32,15 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+# The serving benches (minutes each on a CPU; they print the README's tables and write bench/results/).
+# The training benches (bench/methods.py, p3_idpt.py, recursion.py, squad_rrr.py) take hours: run them one by one.
+BENCHES ?= mixed_batch continuous
+bench: $(STAMP)
+	for b in $(BENCHES); do $(PY) bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -10,11 +10,11 @@ Prints a table and writes bench/results/calibration.json.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from common import machine  # bench/common.py (the script's folder is on sys.path)
 from methods import datasets  # the methods table's data sets, templates and verbalizers
+from tables import report  # bench/tables.py
 
 from modules.core.backbone import Backbone
 from modules.core.module import LabelScoring
@@ -43,7 +43,7 @@ def main() -> None:
             print(f"{name:5} {variant:32} {acc:.3f}", flush=True)
     out = {"machine": machine(bb), "backbone": bb.name, "eval_rows": args.eval_rows, "seed": args.seed,
            "results": results}
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    report("calibration", out, args.out)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 from pathlib import Path
 
 import torch
 from common import machine  # bench/common.py (the script's folder is on sys.path)
+from tables import report  # bench/tables.py
 
 from modules.core.artifact import read_artifact
 from modules.core.backbone import Backbone
@@ -67,9 +67,7 @@ def main() -> None:
                "backbone alone (template)": accuracy(bb, kind_class("template").new(bb), data)}
     out = {"machine": machine(bb), "backbone": bb.name, "rows": len(data), "classes": CLASSES,
            "chance": round(1 / len(CLASSES), 3), "results": results}
-    for name, r in results.items():
-        print(f"{name:28} greedy {r['greedy']:.3f}   choices {r['choices']:.3f}")
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    report("choices", out, args.out)
 
 
 if __name__ == "__main__":

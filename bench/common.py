@@ -3,6 +3,7 @@ latency of one request through a module."""
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import statistics
@@ -58,7 +59,10 @@ def latency_ms(backbone, module, texts: list[str], repeats: int = 3) -> float:
     return 1000 * statistics.median(times)
 
 
-def machine(backbone) -> str:
-    """The machine a result was measured on, as the README tables name it."""
+def machine(backbone=None) -> str:
+    """The machine a result was measured on, as the README tables name it (without a backbone in
+    this process, e.g. a bench that talks to a server: the machine and its cores)."""
+    if backbone is None:
+        return f"{platform.machine()}, {os.cpu_count()} cores, served backbone"
     return (f"{platform.machine()}, {torch.get_num_threads()} torch threads, {backbone.device}, "
             f"{str(backbone.dtype).removeprefix('torch.')}")

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from common import machine  # bench/common.py (the script's folder is on sys.path)
 from mixed_batch import PROMPTS, _randomized, lora_modules
+from tables import report  # bench/tables.py
 
 from modules.core.backbone import Backbone
 from modules.core.decode import Sampling
@@ -216,9 +217,7 @@ def main() -> None:
                       "short_p50_static_over_continuous": round(results["static"]["short_p50_s"]
                                                                 / results["continuous"]["short_p50_s"], 1)},
            "prefix_cache_ttft": ttft}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out["ratios"], indent=2))
+    report("continuous", out, args.out)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,14 @@ Prints a table and writes bench/results/mixed_batch.json (the README table is ma
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import machine  # bench/common.py (the script's folder is on sys.path)
+from tables import report  # bench/tables.py
 
 from modules.core.backbone import Backbone
 from modules.core.decode import GenItem, Sampling
@@ -209,13 +209,10 @@ def main() -> None:
               "lora_overhead_b_vs_a": round(1 - tps["b_one_lora"] / tps["a_base"], 3)}
     cold_ms = {"p50": round(statistics.median(cold) * 1e3, 1),
                "p95": round(sorted(cold)[int(0.95 * (len(cold) - 1))] * 1e3, 1)}
-    out = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {bb.device}, "
-                      f"{str(bb.dtype).removeprefix('torch.')}",
+    out = {"machine": machine(bb),
            "backbone": bb.name, "rows": n, "new_tokens": t, "results": results, "ratios": ratios,
            "cold_load_ms": cold_ms}
-    print(json.dumps({"ratios": ratios, "cold_load_ms": cold_ms}, indent=2))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    report("mixed_batch", out, args.out)
 
 
 if __name__ == "__main__":

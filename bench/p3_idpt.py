@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from common import latency_ms, normalize  # bench/common.py (the script's folder is on sys.path)
+from common import latency_ms, machine, normalize  # bench/common.py (the script's folder is on sys.path)
+from tables import report  # bench/tables.py
 from tqdm.auto import tqdm
 
 from modules.core.backbone import Backbone
@@ -149,15 +149,10 @@ def main() -> None:
                          **({"train": trained[name].metrics} if name in trained else {})}
     Path(args.artifact).write_bytes(trained["idpt"].artifact)
     held = sum(len(h) for _, h in split.values())
-    out = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads", "backbone": backbone.name,
+    out = {"machine": machine(backbone), "backbone": backbone.name,
            "backbone_parameters": sum(p.numel() for p in backbone.model.parameters()),
            "settings": vars(args), "held_out_rows": held, "train_rows_seen": len(rows), "results": results}
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"P3 held-out ({held} rows, {args.eval_per_template} per template), {args.steps} steps x {args.batch_size}")
-    print(f"{'data set':22}" + "".join(f"{n:>9}" for n in setups))
-    for d in DATASETS:
-        print(f"{d:22}" + "".join(f"{results[n]['scores'].get(d, float('nan')):9.1f}" for n in setups))
-    print(f"{'average':22}" + "".join(f"{results[n]['average']:9.1f}" for n in setups))
+    report("p3_idpt", out, args.out)
 
 
 if __name__ == "__main__":

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 from pathlib import Path
 
 import torch
-from common import exact_match, f1, latency_ms  # bench/common.py (the script's folder is on sys.path)
+from common import exact_match, f1, latency_ms, machine  # bench/common.py (the script's folder is on sys.path)
+from tables import report  # bench/tables.py
 from tqdm.auto import tqdm
 
 from modules.core.backbone import Backbone
@@ -159,15 +159,10 @@ def main() -> None:
                                    "trainable_parameters": sum(p.numel() for p in module.parameters()),
                                    "latency_ms": round(ms, 1), "latency_vs_base": round(ms / base_ms, 2),
                                    **({"train_seconds": metrics["train_seconds"]} if metrics else {})}
-    out = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads", "backbone": backbone.name,
+    out = {"machine": machine(backbone), "backbone": backbone.name,
            "settings": vars(args), "eval_rows": {t: len(v[1]) for t, v in tasks.items()},
            "pretrain_lm_rows": args.pretrain_steps * args.batch_size, "results": results}
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"{'set-up':8} {'SST-2 acc':>9} {'SQuAD EM':>9} {'SQuAD F1':>9} {'params':>9} {'latency x':>9}")
-    for name in results["sst2"]:
-        s, q = results["sst2"][name], results["squad"][name]
-        print(f"{name:8} {s['accuracy']:9.1f} {q['exact_match']:9.1f} {q['f1']:9.1f} "
-              f"{s['trainable_parameters']:9d} {s['latency_vs_base']:9.2f}")
+    report("recursion", out, args.out)
 
 
 if __name__ == "__main__":

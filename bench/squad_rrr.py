@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import random
 import statistics
 import time
@@ -43,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import exact_match, f1, normalize  # bench/common.py (the script's folder is on sys.path)
+from common import exact_match, f1, machine, normalize  # bench/common.py (the script's folder is on sys.path)
 from tables import squad_rrr as squad_rrr_table  # bench/tables.py (the script's folder is on sys.path)
 from tqdm.auto import tqdm
 
@@ -426,8 +425,7 @@ def main() -> None:
     artifact = module.to_artifact(files=files, metrics=metrics)
     Path(args.artifact).write_bytes(artifact)
 
-    out = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, {backbone.device}/"
-                      f"{str(backbone.dtype).removeprefix('torch.')}",
+    out = {"machine": machine(backbone),
            "backbone": backbone.name, "settings": vars(args), "config": module.config.model_dump(),
            "reranker_depth": module.depth, "corpus_documents": len(docs), "train_questions": len(train_q), "reader_rows": len(rows),
            "eval_questions": len(eval_q), "held_out_articles": list(HELD_OUT),

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from common import machine  # bench/common.py (the script's folder is on sys.path)
 
 from clients import Client
 from modules.core.backbone import Backbone
@@ -48,7 +47,7 @@ def main() -> None:
                 acc = sum(p == y for p, (_, y) in zip(preds, rows)) / len(rows)
                 results[task] = {"accuracy": round(acc, 4), "rows": len(rows),
                                  "seconds": round(time.monotonic() - start, 1)}
-    out = {"machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+    out = {"machine": machine(),
            "template": manifest["template"], "labels": manifest["labels"], "results": results}
     print(f"SST-2 dev ({len(rows)} rows) through POST /tasks/<name>/infer")
     print(f"{'task':16} {'accuracy':>9} {'seconds':>8}")

@@ -1,4 +1,5 @@
-"""Markdown tables for the README, made from the JSON the benchmarks write.
+"""Markdown tables for the README, made from the JSON the benchmarks write: the one way every bench
+prints its result (`report` at the end of each bench; `bench/tables.py` reprints them all).
 
     .venv/bin/python bench/tables.py            # prints every table whose JSON exists
 """
@@ -9,6 +10,20 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def markdown(header: list[str], rows: list[list], numeric_from: int = 1) -> list[str]:
+    """A markdown table's lines: columns from `numeric_from` on are right-aligned."""
+    align = ["---" if i < numeric_from else "---:" for i in range(len(header))]
+    return [f"| {' | '.join(header)} |", f"|{'|'.join(align)}|", *(f"| {' | '.join(str(c) for c in r)} |" for r in rows)]
+
+
+def report(name: str, out: dict, path: Path | str | None = None) -> None:
+    """Write a bench's JSON (to `path`, default bench/results/<name>.json) and print its table."""
+    path = Path(path or RESULTS / f"{name}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(TABLES[name](out))
 
 
 def mixed_batch(r: dict) -> str:
@@ -76,9 +91,44 @@ def continuous(r: dict) -> str:
     return "\n".join(lines)
 
 
+def calibration(r: dict) -> str:
+    rows = [[name, *(f"{v[d]:.3f}" for d in ("sst2", "trec"))] for name, v in r["results"].items()]
+    return "\n".join([f"{r['eval_rows']} held-out rows per data set, zero-shot `template` modules; {r['machine']}.", "",
+                      *markdown(["scoring", "SST-2", "TREC"], rows)])
+
+
+def choices(r: dict) -> str:
+    rows = [[name, f"{v['greedy']:.3f}", f"{v['choices']:.3f}"] for name, v in r["results"].items()]
+    return "\n".join([f"{r['rows']} AG News rows, chance {r['chance']}; {r['machine']}.", "",
+                      *markdown(["module", "greedy generation", "`choices`"], rows)])
+
+
+def p3_idpt(r: dict) -> str:
+    setups = list(r["results"])
+    sets = sorted({d for v in r["results"].values() for d in v["scores"]})
+    rows = [[d, *(f"{r['results'][n]['scores'].get(d, float('nan')):.1f}" for n in setups)] for d in sets]
+    rows.append(["**average**", *(f"**{r['results'][n]['average']:.1f}**" for n in setups)])
+    s = r["settings"]
+    return "\n".join([f"P3 held-out ({r['held_out_rows']} rows), {s['steps']} steps x batch {s['batch_size']}; "
+                      f"{r['machine']}.", "", *markdown(["data set", *setups], rows)])
+
+
+def recursion(r: dict) -> str:
+    rows = []
+    for name, s in r["results"]["sst2"].items():
+        q = r["results"]["squad"][name]
+        rows.append([name, f"{s['accuracy']:.1f}", f"{q['exact_match']:.1f}", f"{q['f1']:.1f}",
+                     f"{s['trainable_parameters']:,}", f"{s['latency_vs_base']:.2f} / {q['latency_vs_base']:.2f}"])
+    return "\n".join([f"{r['machine']}.", "", *markdown(["set-up", "SST-2 acc", "SQuAD EM", "SQuAD F1", "trainable params",
+                                                        "latency vs base (SST-2 / SQuAD)"], rows)])
+
+
+TABLES = {"mixed_batch": mixed_batch, "sst2_http": sst2_http, "squad_rrr": squad_rrr, "continuous": continuous,
+          "calibration": calibration, "choices": choices, "p3_idpt": p3_idpt, "recursion": recursion}
+
+
 if __name__ == "__main__":
-    for name, fn in (("mixed_batch", mixed_batch), ("sst2_http", sst2_http), ("squad_rrr", squad_rrr),
-                     ("continuous", continuous)):
+    for name, fn in TABLES.items():
         path = RESULTS / f"{name}.json"
         if path.is_file():
             print(f"<!-- {name}: from bench/results/{name}.json -->")

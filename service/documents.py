@@ -30,9 +30,9 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError, field_validator
 
+from modules.core.module import Strict
 from modules.core.retrieval import Document, Retriever
 from service.errors import Invalid, NotFound, Unavailable
-from service.schemas import _Strict
 from service.store import ModuleStore, _fsync_dir, _write_atomic
 
 log = logging.getLogger("frozenlm.documents")
@@ -47,7 +47,7 @@ _INDEX_DIR = re.compile(r"^index-(\d+)$")
 RESERVED_IDS = frozenset({"search"})  # GET .../documents/search is the search, not a document
 
 
-class DocumentIn(_Strict):
+class DocumentIn(Strict):
     """One line of an upload."""
 
     id: str = Field(min_length=1, max_length=256, description="Unique within the task; re-posting an id replaces it.")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
-from modules.core.module import MAX_LABELS
+from modules.core.module import MAX_LABELS, Strict
 
 NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"  # a task name matches it in full (re.fullmatch)
 
@@ -32,11 +32,7 @@ Text = Annotated[str, AfterValidator(_utf8)]  # any text a request carries: enco
 Inputs = Annotated[Text | list[Text], AfterValidator(_count)]  # one text, or 1 to MAX_INPUTS of them
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class InferParameters(_Strict):
+class InferParameters(Strict):
     max_new_tokens: int | None = Field(None, ge=1, description="New tokens at most (default: the task's).")
     temperature: float | None = Field(None, ge=0.0, le=10.0, description="0 means greedy.")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -64,7 +60,7 @@ class InferParameters(_Strict):
         return v
 
 
-class InferRequest(_Strict):
+class InferRequest(Strict):
     inputs: Inputs = Field(description=f"One text, or a list of texts (max {MAX_INPUTS}).")
     parameters: InferParameters = Field(default_factory=InferParameters)
     stream: bool = Field(False, description="Answer with server-sent events, one per new piece of text.")

@@ -35,11 +35,13 @@ class BackboneMismatch(ArtifactError):
     """The module was made for another backbone (HTTP 409)."""
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """A model that refuses unknown fields: manifests, configs and the HTTP schemas all are."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class BackboneRef(_Strict):
+class BackboneRef(Strict):
     """The backbone a module was trained on; loading onto another one is refused."""
 
     name: str = Field("", description="Human-readable backbone name.")
@@ -56,7 +58,7 @@ class BackboneRef(_Strict):
                    num_layers=i.num_layers, vocab_size=i.vocab_size, fingerprint=i.fingerprint)
 
 
-class GenerationDefaults(_Strict):
+class GenerationDefaults(Strict):
     max_new_tokens: int = Field(64, ge=1, description="Default number of new tokens.")
     temperature: float = Field(0.0, ge=0.0, description="0 means greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -64,7 +66,7 @@ class GenerationDefaults(_Strict):
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
 
 
-class LabelScoring(_Strict):
+class LabelScoring(Strict):
     """How a classification task turns its labels' log-likelihoods into probabilities."""
 
     calibrate: bool = Field(False, description="Contextual calibration (Zhao et al. 2021): divide each label's "
@@ -74,7 +76,7 @@ class LabelScoring(_Strict):
                                                       "instead of the sum (multi-token verbalizers).")
 
 
-class Manifest(_Strict):
+class Manifest(Strict):
     """`module.json`: what a module is, what it was made for, how to call it."""
 
     format: Literal["frozenlm.module/1"] = FORMAT
