@@ -17,6 +17,7 @@ import regex
 import torch
 
 from modules.core.artifact import ArtifactError
+from modules.core.batch import Contribution
 
 Target = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS: tuple[str, ...] = Target.__args__
@@ -83,6 +84,28 @@ def _select(keys: dict, targets, layers: list[int] | None, what: str) -> dict:
 def select_norms(backbone, targets, layers: list[int] | None) -> dict:
     """The hooked normalization layers named by `targets` in `layers` (None = all), as select_linears."""
     return _select(backbone.norm_keys, targets, layers, "normalization")
+
+
+class ModuleDelta:
+    """A module's LinearDelta: one object per module, so the engine groups rows by it; each layer's
+    new output is the module's `change(key, x, y)`."""
+
+    def __init__(self, module, keys):
+        self.module, self.keys = module, frozenset(keys)
+
+    def __call__(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.module.change(key, x, y)
+
+
+class ChangesLinears:
+    """Mixin for a TaskModule whose contribution is a change of some linear layers' outputs: it
+    defines `change(key, x, y) -> new y` for its rows and sets `self.delta = ModuleDelta(self, keys)`
+    once its tensors exist."""
+
+    delta: ModuleDelta
+
+    def contribution(self, ids: list[int]) -> Contribution:
+        return Contribution(linear=self.delta)
 
 
 class SlotKeys:

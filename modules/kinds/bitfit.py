@@ -15,9 +15,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from modules.core.batch import Contribution
 from modules.core.module import TaskModule
-from modules.core.targets import TARGETS, SlotKeys, Target, select_linears, slot
+from modules.core.targets import TARGETS, ChangesLinears, ModuleDelta, SlotKeys, Target, select_linears, slot
 
 
 class BitFitConfig(BaseModel):
@@ -29,7 +28,7 @@ class BitFitConfig(BaseModel):
     layers: list[int] | None = Field(None, description="Decoder layers to adapt; None = all.")
 
 
-class BitFitModule(SlotKeys, TaskModule):
+class BitFitModule(ChangesLinears, SlotKeys, TaskModule):
     kind = "bitfit"
     Config = BitFitConfig
 
@@ -38,18 +37,7 @@ class BitFitModule(SlotKeys, TaskModule):
         self.bias = nn.ParameterDict({slot(key): nn.Parameter(torch.zeros(fan_out))           # (out,)
                                       for key, (_, fan_out) in select_linears(backbone, config.targets,
                                                                               config.layers).items()})
-        self.delta = _Delta(self)
+        self.delta = ModuleDelta(self, (k.replace("__", ".") for k in self.bias))
 
-    def contribution(self, ids: list[int]) -> Contribution:
-        return Contribution(linear=self.delta)
-
-
-class _Delta:
-    """y + b for this module's rows (one object per module, so the engine groups rows by it)."""
-
-    def __init__(self, module: BitFitModule):
-        self.module = module
-        self.keys = frozenset(k.replace("__", ".") for k in module.bias)
-
-    def __call__(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y + self.module.bias[slot(key)].to(y.dtype)                  # (n, T, out) + (out,)
+    def change(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y + self.bias[slot(key)].to(y.dtype)                          # (n, T, out) + (out,)

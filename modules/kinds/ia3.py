@@ -18,9 +18,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from modules.core.batch import Contribution
 from modules.core.module import TaskModule
-from modules.core.targets import SlotKeys, Target, select_linears, slot
+from modules.core.targets import ChangesLinears, ModuleDelta, SlotKeys, Target, select_linears, slot
 
 
 class IA3Config(BaseModel):
@@ -40,7 +39,7 @@ class IA3Config(BaseModel):
         return self
 
 
-class IA3Module(SlotKeys, TaskModule):
+class IA3Module(ChangesLinears, SlotKeys, TaskModule):
     kind = "ia3"
     Config = IA3Config
 
@@ -56,22 +55,11 @@ class IA3Module(SlotKeys, TaskModule):
                 self.weights[key] = backbone.model.base_model.get_submodule(key).weight         # (out, in)
             else:
                 self.l[slot(key)] = nn.Parameter(torch.ones(fan_out))                           # (out,)
-        self.delta = _Delta(self)
+        self.delta = ModuleDelta(self, (k.replace("__", ".") for k in self.l))
 
-    def contribution(self, ids: list[int]) -> Contribution:
-        return Contribution(linear=self.delta)
-
-
-class _Delta:
-    """Rescaling for this module's rows (one object per module, so the engine groups rows by it)."""
-
-    def __init__(self, module: IA3Module):
-        self.module = module
-        self.keys = frozenset(k.replace("__", ".") for k in module.l)
-
-    def __call__(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        l = self.module.l[slot(key)].to(y.dtype)
-        w = self.module.weights.get(key)
+    def change(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        l = self.l[slot(key)].to(y.dtype)
+        w = self.weights.get(key)
         if w is None:
             return y * l                                                    # (n, T, out) * (out,)
         return y + (x * (l - 1)) @ w.T.to(x.dtype)                         # (n, T, in) @ (in, out)

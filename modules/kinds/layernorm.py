@@ -21,9 +21,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from modules.core.batch import Contribution
 from modules.core.module import TaskModule
-from modules.core.targets import SlotKeys, select_norms, slot
+from modules.core.targets import ChangesLinears, ModuleDelta, SlotKeys, select_norms, slot
 
 NormTarget = Literal["input_layernorm", "post_attention_layernorm", "norm"]
 
@@ -39,7 +38,7 @@ class LayerNormConfig(BaseModel):
                                                        "is not in a layer and is kept whenever it is a target).")
 
 
-class LayerNormModule(SlotKeys, TaskModule):
+class LayerNormModule(ChangesLinears, SlotKeys, TaskModule):
     kind = "layernorm"
     Config = LayerNormConfig
 
@@ -48,19 +47,8 @@ class LayerNormModule(SlotKeys, TaskModule):
         self.norms = select_norms(backbone, config.targets, config.layers)
         self.scale = nn.ParameterDict({slot(key): nn.Parameter(torch.zeros(info.size))   # (H,)
                                        for key, info in self.norms.items()})
-        self.delta = _Delta(self)
+        self.delta = ModuleDelta(self, self.norms)
 
-    def contribution(self, ids: list[int]) -> Contribution:
-        return Contribution(linear=self.delta)
-
-
-class _Delta:
-    """y + Δw * n(x) for this module's rows (one object per module, so the engine groups rows by it)."""
-
-    def __init__(self, module: LayerNormModule):
-        self.module = module
-        self.keys = frozenset(module.norms)
-
-    def __call__(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        dw = self.module.scale[slot(key)].to(y.dtype)                           # (H,)
-        return y + dw * self.module.norms[key].normalized(x)                   # (n, T, H)
+    def change(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        dw = self.scale[slot(key)].to(y.dtype)                              # (H,)
+        return y + dw * self.norms[key].normalized(x)                       # (n, T, H)

@@ -40,9 +40,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from modules.core.batch import Contribution
 from modules.core.module import TaskModule
-from modules.core.targets import DenseDeltas, Target, select_linears
+from modules.core.targets import ChangesLinears, DenseDeltas, ModuleDelta, Target, select_linears
 
 
 class SAIDConfig(BaseModel):
@@ -91,7 +90,7 @@ def fastfood(theta: torch.Tensor, D: int, b: torch.Tensor, perm: torch.Tensor, g
     return v / math.sqrt(D * float(g.double().square().sum()))
 
 
-class SAIDModule(TaskModule):
+class SAIDModule(ChangesLinears, TaskModule):
     kind = "said"
     Config = SAIDConfig
 
@@ -105,7 +104,7 @@ class SAIDModule(TaskModule):
             self.lam = nn.Parameter(torch.ones(len(self.shapes)))                          # (layers,)
         self._ff: dict[str, tuple] = {}  # Fastfood variables of each layer, kept while training
         self.dense = DenseDeltas(self.delta_weight, lambda key: list(self.parameters()))
-        self.delta = _Delta(self)
+        self.delta = ModuleDelta(self, self.shapes)
 
     def projection(self, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer `key`'s Fastfood variables (b, perm, g), on the module's device."""
@@ -129,16 +128,5 @@ class SAIDModule(TaskModule):
         """Stored numbers plus the dense deltas built once at first use (one per layer)."""
         return super().nbytes + sum(o * i for o, i in self.shapes.values()) * self.theta.element_size()
 
-    def contribution(self, ids: list[int]) -> Contribution:
-        return Contribution(linear=self.delta)
-
-
-class _Delta:
-    """y + x @ dW.T for this module's rows (one object per module, so the engine groups rows by it)."""
-
-    def __init__(self, module: SAIDModule):
-        self.module = module
-        self.keys = frozenset(module.shapes)
-
-    def __call__(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y + x @ self.module.dense.get(key, x).T                       # (n, T, in) @ (in, out)
+    def change(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y + x @ self.dense.get(key, x).T                              # (n, T, in) @ (in, out)

@@ -32,9 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from modules.core.artifact import ArtifactError
-from modules.core.batch import Contribution
 from modules.core.module import BackboneRef, Manifest, TaskModule
-from modules.core.targets import DenseDeltas, SlotKeys, Target, slot
+from modules.core.targets import ChangesLinears, DenseDeltas, ModuleDelta, SlotKeys, Target, slot
 
 
 class SparseConfig(BaseModel):
@@ -58,7 +57,7 @@ class SparseFisherConfig(BaseModel):
                              description="Fraction of the chosen weights updated (ranked over all of them together).")
 
 
-class SparseModule(SlotKeys, TaskModule):
+class SparseModule(ChangesLinears, SlotKeys, TaskModule):
     kind = "sparse"
     Config = SparseConfig
 
@@ -78,7 +77,7 @@ class SparseModule(SlotKeys, TaskModule):
             self.indices.register_buffer(slot(key), torch.arange(n))                           # (nnz,)
         self.dense = DenseDeltas(self.delta_weight,
                                  lambda key: [self.values[slot(key)], self.indices.get_buffer(slot(key))])
-        self.delta = _Delta(self)
+        self.delta = ModuleDelta(self, self.shapes)
 
     @torch.no_grad()
     def initialize(self, backbone) -> None:
@@ -159,16 +158,5 @@ class SparseModule(SlotKeys, TaskModule):
         size = next(iter(self.values.values())).element_size()
         return super().nbytes + sum(o * i for o, i in self.shapes.values()) * size
 
-    def contribution(self, ids: list[int]) -> Contribution:
-        return Contribution(linear=self.delta)
-
-
-class _Delta:
-    """y + x @ dW.T for this module's rows (one object per module, so the engine groups rows by it)."""
-
-    def __init__(self, module: SparseModule):
-        self.module = module
-        self.keys = frozenset(module.shapes)
-
-    def __call__(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y + x @ self.module.dense.get(key, x).T                       # (n, T, in) @ (in, out)
+    def change(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y + x @ self.dense.get(key, x).T                              # (n, T, in) @ (in, out)
