@@ -20,7 +20,7 @@ class Job:
     """One row of work: a module, its token ids, and either sampling settings or label scoring;
     or a backbone pass of its own (`work`, a dense document search), run on the engine thread."""
 
-    module: object               # modules.base.TaskModule (kept untyped: no torch import here)
+    module: object               # modules.core.module.TaskModule (kept untyped: no torch import here)
     ids: list[int]
     sampling: object | None      # modules.core.decode.Sampling; None = score the module's labels
     cost: int                    # tokens this job puts through the backbone (its share of a batch's budget)
