@@ -305,3 +305,26 @@ def test_real_backbone_n_samples_share_one_prefill(real_backbone, monkeypatch):
     assert [g.text for g in shared] == [s.text for s in separate] and len({g.text for g in shared}) > 1
     for g, s in zip(shared, separate):
         assert max(abs(a.logprob - b.logprob) for a, b in zip(g.logprobs, s.logprobs)) <= 1e-4
+
+
+@pytest.mark.integration
+def test_real_server_openai_chat_with_n_and_logprobs(server, admin):
+    """The embedded backbone behind a real server: the openai package's chat with n = 2 and
+    top_logprobs; choice i is the /infer request seeded seed + i, and its tokens' bytes are its text."""
+    from openai import OpenAI
+
+    from tests.conftest import INTEGRATION_ADMIN_KEY
+
+    client = OpenAI(base_url=f"{server[0]}/v1", api_key=INTEGRATION_ADMIN_KEY, max_retries=0)
+    msgs = [{"role": "user", "content": "Name a fruit and its color."}]
+    chat = client.chat.completions.create(model="base", messages=msgs, max_tokens=12, temperature=0.9, seed=40, n=2,
+                                          logprobs=True, top_logprobs=2)
+    assert [c.index for c in chat.choices] == [0, 1]
+    for i, c in enumerate(chat.choices):
+        alone = admin.infer("base", "Name a fruit and its color.", max_new_tokens=12, temperature=0.9, seed=40 + i,
+                            logprobs=2).outputs[0]
+        assert c.message.content == alone.text
+        assert [t.token for t in c.logprobs.content] == [t.token for t in alone.logprobs]
+        assert all(len(t.top_logprobs) == 2 for t in c.logprobs.content)
+        # no stop string: the tokens' bytes are the text (EOS is in neither)
+        assert b"".join(bytes(t.bytes) for t in c.logprobs.content).decode("utf-8", "replace") == c.message.content
