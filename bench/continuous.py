@@ -93,7 +93,7 @@ class Timed:
         self.first = None
         self.job = Job(module, ids, sampling, cost, on_text=self._text if tokens else None, task=task)
 
-    def _text(self, piece: str) -> None:
+    def _text(self, piece: str, *_) -> None:
         if self.first is None:
             self.first = time.monotonic()
 

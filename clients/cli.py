@@ -79,19 +79,30 @@ def cmd_delete(args) -> int:
 def cmd_infer(args) -> int:
     params = {k: v for k, v in {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                                 "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
-                                "stop": args.stop, "choices": args.choice}.items() if v is not None}
+                                "stop": args.stop, "choices": args.choice,
+                                "logprobs": args.logprobs, "n": args.n}.items() if v is not None}
     with _client(args) as c:
         res = c.infer(args.name, args.text, **params)
     if args.json:
         _print(res.raw)
     else:
-        for out in res.outputs:
+        for i, out in enumerate(res.outputs):
+            if args.n and args.n > 1:
+                print(f"[{i}]", end=" ")
             if out.label is not None:
                 scores = ", ".join(f"{k}={v:.3f}" for k, v in (out.scores or {}).items())
                 print(f"{out.label}\t({scores})")
             else:
                 print(out.text)
+            _print_logprobs(out.logprobs)
     return 0
+
+
+def _print_logprobs(tokens) -> None:
+    """One line per generated token: its text, logprob, and its step's alternatives."""
+    for t in tokens or ():
+        top = "  ".join(f"{a.token!r} {a.logprob:.4f}" for a in t.top_logprobs)
+        print(f"  {t.token!r}\t{t.logprob:.4f}" + (f"\t[{top}]" if top else ""))
 
 
 def _labels(value: str | None) -> dict[str, str] | None:
@@ -252,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
     s.add_argument("--choice", action="append",
                    help="an answer choice, scored as a continuation (repeatable; rank classification)")
+    s.add_argument("--logprobs", type=int, metavar="K",
+                   help="print each generated token's logprob and its K most likely alternatives (0-20)")
+    s.add_argument("-n", type=int, help="samples of the input (1-16), sharing one prefill; sample i seeded seed + i")
     s.add_argument("--json", action="store_true", help="print the whole response")
     s.set_defaults(func=cmd_infer)
 

@@ -71,12 +71,29 @@ def _raise_for(resp: httpx.Response) -> None:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token (or one of its step's alternatives): its text, id, logprob and bytes."""
+
+    token: str
+    id: int
+    logprob: float
+    bytes: bytes
+    top_logprobs: list["TokenLogprob"] = field(default_factory=list)  # the k most likely, best first
+
+    @classmethod
+    def of(cls, d: dict) -> "TokenLogprob":
+        return cls(d["token"], d["id"], d["logprob"], bytes(d["bytes"]),
+                   [cls.of(a) for a in d.get("top_logprobs", ())])
+
+
+@dataclass(frozen=True)
 class Output:
     text: str
     finish_reason: str
     label: str | None = None
     scores: dict[str, float] | None = None
     passages: list[dict] | None = None  # tasks that read documents (rrr): {id, title, score, retrieval_score, used}
+    logprobs: list[TokenLogprob] | None = None  # with logprobs=k: one per generated token
 
 
 @dataclass(frozen=True)
@@ -90,9 +107,14 @@ class InferResult:
 
     @classmethod
     def of(cls, d: dict) -> "InferResult":
-        outs = [Output(o["text"], o["finish_reason"], o.get("label"), o.get("scores"), o.get("passages"))
+        outs = [Output(o["text"], o["finish_reason"], o.get("label"), o.get("scores"), o.get("passages"),
+                       None if o.get("logprobs") is None else [TokenLogprob.of(t) for t in o["logprobs"]])
                 for o in d["outputs"]]
         return cls(d["task"], d["version"], outs, d["usage"], d["timings_ms"], d)
+
+    def samples(self, n: int) -> list[list[Output]]:
+        """The outputs of a request with n samples per input, grouped by input: [input][sample]."""
+        return [self.outputs[i:i + n] for i in range(0, len(self.outputs), n)]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ Each step of the engine thread:
     running batch --one decode token for every running row--> finished rows answered and gone
 
 So a one-pass request that arrives while long generations run waits for one step, not for the
-longest generation. A row keeps the module object it started with (a hot-swapped version applies
+longest generation. A job of n samples is prefilled once and decodes as n rows; it is answered
+when its last sample finishes. A row keeps the module object it started with (a hot-swapped version applies
 to later requests), streams as it goes, and stops at the next step once its caller gives up.
 """
 
@@ -19,11 +20,10 @@ import time
 
 import torch
 
-from modules.core.decode import GenItem
 from modules.core.prefix_cache import PrefixCache, content_key
 from modules.core.running import RunningBatch
 from modules.core.stages import prepare
-from service.engine import Engine, score_jobs
+from service.engine import Engine, job_result, per_row, sample_items, score_jobs
 from service.scheduler import Job
 
 log = logging.getLogger("frozenlm.engine")
@@ -45,13 +45,16 @@ class ContinuousEngine(Engine):
         self.max_running, self.kv_tokens = max_running, kv_tokens
         self.on_step = on_step  # callback(batch, seconds, jobs decoded, jobs given their first token), for metrics
         self.batch = RunningBatch(backbone, PrefixCache(prefix_cache_tokens), prefill_tokens)
-        self._running: dict[int, Job] = {}  # id(GenItem) -> its job
+        self._running: dict[int, tuple[Job, int]] = {}  # id(GenItem) -> its job and sample index
+        self._samples: dict[Job, list] = {}              # a running job -> its samples' results so far
 
     def _fits(self, jobs: list[Job]) -> bool:
         """Whether the generation rows among `jobs` can join: within `max_running` rows and the KV
-        budget (a job's cost is its prompt's positions plus its max_new_tokens). Scoring rows run in
-        this step and leave, so a full running batch never holds them back."""
-        rows = [(j.cost - j.sampling.max_new_tokens, j.sampling.max_new_tokens) for j in jobs if j.sampling is not None]
+        budget (a job's cost is its prompt's positions plus n times its max_new_tokens; each of its n
+        samples takes a slot). Scoring rows run in this step and leave, so a full running batch
+        never holds them back."""
+        rows = [(j.cost - j.n * j.sampling.max_new_tokens, j.sampling.max_new_tokens)
+                for j in jobs if j.sampling is not None for _ in range(j.n)]
         return len(self._running) + len(rows) <= self.max_running and self.batch.fits(rows, self.kv_tokens)
 
     def _loop(self) -> None:
@@ -79,8 +82,9 @@ class ContinuousEngine(Engine):
                 if not jobs[0].future.done():
                     self._answer([(jobs[0], e)])
                 return
+            running = {j for j, _ in self._running.values()}
             for job in jobs:
-                if not job.future.done() and job not in self._running.values():
+                if not job.future.done() and job not in running:
                     self._admit_each([job])
 
     def _admit(self, jobs: list[Job]) -> None:
@@ -118,28 +122,43 @@ class ContinuousEngine(Engine):
         self._answer([(j, r) for (j, _), r in zip(pairs, results)])
 
     def _join(self, pairs: list) -> None:
-        """The admitted generation rows join the running batch (their prefill runs in the next steps)."""
-        items = [GenItem(r.ids, r.contribution, j.sampling, j.on_text and j.on_text.attempt(),
-                         stop_requested=lambda j=j: j.cancelled, prefix_key=content_key(j.module)) for j, r in pairs]
-        self.batch.join(items)
-        self._running.update({id(it): j for it, (j, _) in zip(items, pairs)})
+        """The admitted generation rows join the running batch (their prefill runs in the next
+        steps): a job's n samples join as the samples of one prompt, prefilled once."""
+        for j, r in pairs:
+            items = sample_items(j, r, prefix_key=content_key(j.module))
+            self.batch.join_samples(items)
+            self._running.update({id(it): (j, i) for i, it in enumerate(items)})
+            self._samples[j] = [None] * j.n
 
     def _step(self) -> None:
         start = time.monotonic()
-        stepped = list(self._running.values())
+        stepped = list(self._samples)
         try:
             with self.lock:
                 done = self.batch.step()
         except Exception as e:  # noqa: BLE001 - not one row's fault (a row's is caught in the batch): all fail
-            log.exception("a decode step of %d rows failed", len(stepped))
+            log.exception("a decode step of %d rows failed", len(self._running))
             self.batch = RunningBatch(self.backbone, self.batch.prefix_cache, self.batch.prefill_tokens)
             self._running.clear()
+            self._samples.clear()
             return self._answer([(j, e) for j in stepped])
         seconds = time.monotonic() - start
         if self.on_step:
-            jobs = lambda items: [self._running[id(it)] for it in items]  # noqa: E731
+            jobs = lambda items: [self._running[id(it)][0] for it in items]  # noqa: E731
             self.on_step(self.batch, seconds, jobs(self.batch.decoded), jobs(self.batch.first))
-        self._answer([(self._running.pop(id(it)), g if g.error is None else g.error) for it, g in done])
+        answers = []
+        for it, g in done:
+            j, i = self._running.pop(id(it))
+            samples = self._samples.get(j)
+            if samples is None:  # its job was answered already (another sample failed)
+                continue
+            samples[i] = g
+            if g.error is not None or all(s is not None for s in samples):
+                del self._samples[j]
+                if g.error is not None:
+                    j.cancelled = True  # its other samples stop at the next step
+                answers.append((j, job_result(j, [s for s in samples if s is not None])))
+        self._answer(answers)
 
     def _answer(self, results: list) -> None:
         end = time.monotonic()
@@ -149,6 +168,6 @@ class ContinuousEngine(Engine):
                 j.future.set_exception(r)
             else:
                 j.future.set_result(r)
-        done = [(j, r) for j, r in results if not isinstance(r, BaseException)]
+        done = per_row([(j, r) for j, r in results if not isinstance(r, BaseException)])
         if self.on_batch and done:
             self.on_batch(*map(list, zip(*done)), end - min(j.started for j, _ in done))

@@ -1,7 +1,9 @@
 """The engine: one thread owns the backbone and runs batches from the scheduler.
 
 A batch mixes rows of any tasks; classification rows are scored in one pass, generation rows
-decoded together with one KV cache. Each job's future gets its own result.
+decoded together with one KV cache. Each job's future gets its own result: a generation job of
+n samples (`Job.n`) gets the list of its n `Generated`, sample i seeded seed + i, all n from one
+prefill of its prompt (both engines run them through `RunningBatch.join_samples`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from modules.core.backbone import Backbone
 from modules.core.calibration import label_probs
-from modules.core.decode import GenItem, RowError, ScoreItem, score
+from modules.core.decode import Generated, GenItem, RowError, ScoreItem, score
 from modules.core.prefix_cache import PrefixCache, content_key, row_kv
 from modules.core.running import generate
 from modules.core.stages import prepare
@@ -88,7 +90,7 @@ class Engine:
             else:
                 j.future.set_result(r)
         if self.on_batch:
-            done = [(j, r) for j, r in zip(jobs, results) if not isinstance(r, BaseException)]
+            done = per_row([(j, r) for j, r in zip(jobs, results) if not isinstance(r, BaseException)])
             if done:
                 self.on_batch(*map(list, zip(*done)), end - start)
 
@@ -129,12 +131,31 @@ class Engine:
             results[i] = r
         gen = [i for i in ok if jobs[i].sampling is not None]
         if gen:
-            items = [GenItem(rows[i].ids, rows[i].contribution, jobs[i].sampling,
-                             jobs[i].on_text and jobs[i].on_text.attempt(),
-                             stop_requested=lambda j=jobs[i]: j.cancelled) for i in gen]
-            for i, g in zip(gen, generate(self.backbone, items)):
-                results[i] = g if g.error is None else g.error
+            for i, g in zip(gen, generate(self.backbone, [sample_items(jobs[i], rows[i]) for i in gen])):
+                results[i] = job_result(jobs[i], g)
         return results
+
+
+def sample_items(job: Job, row, prefix_key: str | None = None) -> list[GenItem]:
+    """The n samples of a generation job's prepared row: sample i with its own seed stream
+    (`Sampling.for_sample`), streaming as index i; they share the row's ids and contribution, so
+    `RunningBatch.join_samples` prefills the prompt once."""
+    return [GenItem(row.ids, row.contribution, job.sampling.for_sample(i), job.on_text and job.on_text.attempt(i),
+                    stop_requested=lambda: job.cancelled, prefix_key=prefix_key) for i in range(job.n)]
+
+
+def job_result(job: Job, samples: list[Generated]):
+    """A generation job's result from its samples: the one Generated (n = 1) or the list of n; a
+    sample's error fails the whole job."""
+    for g in samples:
+        if g.error is not None:
+            return g.error
+    return samples[0] if job.n == 1 else samples
+
+
+def per_row(done: list) -> list:
+    """(job, result) pairs with a job of n samples as n pairs, one per sample (metrics count rows)."""
+    return [(j, g) for j, r in done for g in (r if isinstance(r, list) else [r])]
 
 
 def score_jobs(backbone, pairs: list, prefix_cache: PrefixCache | None = None) -> list:
@@ -206,19 +227,26 @@ def _fix_seed(job: Job) -> None:
 
 
 class _Once:
-    """A job's streaming callback that never sends the same text twice: a row run again after its
-    batch failed regenerates the same text (greedy, or seeded), and only what is new goes out."""
+    """A job's streaming callback that never sends the same text (or token logprob) twice: a row
+    run again after its batch failed regenerates the same text (greedy, or seeded), and only what
+    is new goes out. `attempt(i)` is the callback of sample i for one run of its row; it calls
+    `send(piece, token logprobs, i)`."""
 
     def __init__(self, send):
-        self.send, self.sent, self.seen = send, 0, 0
+        self.send = send
+        self.sent: dict[int, tuple[int, int]] = {}  # sample -> (characters, tokens) sent
+        self.seen: dict[int, tuple[int, int]] = {}  # sample -> (characters, tokens) seen in this run
 
-    def attempt(self) -> "_Once":
-        self.seen = 0
-        return self
+    def attempt(self, index: int = 0):
+        self.seen[index] = (0, 0)
+        return lambda piece, tokens: self._emit(index, piece, tokens)
 
-    def __call__(self, piece: str) -> None:
-        self.seen += len(piece)
-        fresh = self.seen - self.sent
-        if fresh > 0:
-            self.send(piece[-fresh:])
-            self.sent = self.seen
+    def _emit(self, index: int, piece: str, tokens: list) -> None:
+        chars, toks = self.seen[index]
+        chars, toks = chars + len(piece), toks + len(tokens)
+        self.seen[index] = (chars, toks)
+        sent_chars, sent_toks = self.sent.get(index, (0, 0))
+        new_chars, new_toks = max(chars - sent_chars, 0), max(toks - sent_toks, 0)
+        if new_chars or new_toks:
+            self.send(piece[len(piece) - new_chars:], tokens[len(tokens) - new_toks:], index)
+            self.sent[index] = (max(chars, sent_chars), max(toks, sent_toks))

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import NamedTuple
 
 from starlette.concurrency import run_in_threadpool
 
@@ -19,9 +20,31 @@ from service import metrics
 from service.config import Settings
 from service.errors import Invalid, Timeout, TooLarge, Unavailable
 from service.scheduler import Job, Scheduler
-from service.schemas import InferParameters, InferResponse, Output, TaskOut, Uploaded, Usage
+from service.schemas import InferParameters, InferResponse, Output, TaskOut, TokenLogprob, TopLogprob, Uploaded, Usage
 
 log = logging.getLogger("frozenlm.runtime")
+
+
+class Piece(NamedTuple):
+    """A streamed piece of sample `index`'s text, with the logprobs of the tokens whose text ends
+    in it (None unless the request asked for logprobs)."""
+
+    index: int
+    text: str
+    logprobs: list[TokenLogprob] | None
+
+
+def logprobs_out(tokens) -> list[TokenLogprob]:
+    """modules.core.decode.TokenLogprob entries as the API's."""
+    def top(t) -> TopLogprob:
+        return TopLogprob(token=t.text, id=t.id, logprob=t.logprob, bytes=list(t.bytes))
+
+    return [TokenLogprob(**top(t).model_dump(), top_logprobs=[top(a) for a in t.top]) for t in tokens]
+
+
+def _samples(result) -> list:
+    """A job's result as a list of its samples' (one unless the job had n > 1)."""
+    return result if isinstance(result, list) else [result]
 
 
 class Runtime:
@@ -214,6 +237,13 @@ class Runtime:
                           code="limit_exceeded")
         max_new = p.max_new_tokens or min(gen.max_new_tokens, s.max_new_tokens)
         labels = self._choices(module, p.choices) if p.choices else None
+        n = p.n or 1
+        if labels or module.manifest.labels:
+            scored = "the request's choices" if labels else f"task {task!r}'s labels"
+            for name, asked in (("n", n > 1), ("logprobs", p.logprobs is not None)):
+                if asked:
+                    raise Invalid(f"{name}: this request is answered by scoring {scored} (see `scores`); "
+                                  f"{name} applies to generation tasks", code="invalid_parameters")
         jobs = []
         for one in inputs:
             ids = module.encode(one)
@@ -231,10 +261,11 @@ class Runtime:
                     top_p=p.top_p if p.top_p is not None else gen.top_p,
                     top_k=p.top_k if p.top_k is not None else gen.top_k,
                     seed=p.seed,
-                    stop=p.stop if p.stop is not None else gen.stop)
-                cost = length + max_new
+                    stop=p.stop if p.stop is not None else gen.stop,
+                    logprobs=p.logprobs)
+                cost = length + n * max_new  # one prefill, n samples decoded
             jobs.append(Job(module, ids, sampling, cost + module.probe_tokens(len(ids)), on_text=on_text, task=task,
-                            labels=labels))
+                            labels=labels, n=n if sampling is not None else 1))
         return jobs
 
     @staticmethod
@@ -287,15 +318,18 @@ class Runtime:
         extra = {"passages": info["passages"]} if info and "passages" in info else {}
         if isinstance(result, Scored):
             return Output(text=result.label, finish_reason="label", label=result.label, scores=result.scores, **extra)
+        if result.logprobs is not None:
+            extra["logprobs"] = logprobs_out(result.logprobs)
         return Output(text=result.text, finish_reason=result.finish_reason, **extra)
 
     def _response(self, resolved, jobs, results, t0: float) -> InferResponse:
-        completion = sum(len(r.token_ids) for r in results if hasattr(r, "token_ids"))
+        """One output per input, or with n samples n per input, input by input."""
+        completion = sum(len(g.token_ids) for r in results for g in _samples(r) if hasattr(g, "token_ids"))
         timings = {"queue": max(j.started - j.enqueued for j in jobs) * 1e3,
                    "inference": max(j.finished - j.started for j in jobs) * 1e3,
                    "total": (time.monotonic() - t0) * 1e3}
         return InferResponse(task=resolved.name, version=resolved.version,
-                             outputs=[self._output(r, j.info) for j, r in zip(jobs, results)],
+                             outputs=[self._output(g, j.info) for j, r in zip(jobs, results) for g in _samples(r)],
                              usage=Usage(prompt_tokens=sum(len(j.ids) for j in jobs), completion_tokens=completion),
                              timings_ms={k: round(v, 2) for k, v in timings.items()})
 
@@ -326,15 +360,21 @@ class Runtime:
         return hits
 
     async def stream(self, name: str, one_input, params: InferParameters) -> AsyncIterator[tuple[str, object]]:
-        """Run a task on one input, streaming: ("text", piece) per new piece, then ("done", response)
-        or ("error", {"code", "message"}). Errors before the first event raise as usual."""
+        """Run a task on one input, streaming: ("text", Piece) per new piece of any sample, then
+        ("done", response) or ("error", {"code", "message"}). Errors before the first event raise
+        as usual."""
         self._require_ready()
         t0 = time.monotonic()
         resolved = await run_in_threadpool(self._resolve, name)
         loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str] = asyncio.Queue()
-        jobs = await run_in_threadpool(self._jobs, resolved.name, resolved.module, [one_input], params,
-                                       lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
+        pieces: asyncio.Queue[Piece] = asyncio.Queue()
+        asked = params.logprobs is not None
+
+        def on_text(text: str, tokens: list, index: int) -> None:  # on the engine thread
+            piece = Piece(index, text, logprobs_out(tokens) if asked else None)
+            loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+        jobs = await run_in_threadpool(self._jobs, resolved.name, resolved.module, [one_input], params, on_text)
         task = asyncio.ensure_future(self._run(jobs))
 
         async def events() -> AsyncIterator[tuple[str, object]]:

@@ -26,7 +26,8 @@ class Job:
     cost: int                    # tokens this job puts through the backbone (its share of a batch's budget)
     task: str = ""               # the task's name (metrics)
     labels: dict | None = None   # scoring: {name: continuation ids} (a request's choices); None = the module's labels
-    on_text: object | None = None
+    n: int = 1                   # generation: samples of this prompt (one prefill; each a row of its own)
+    on_text: object | None = None  # streaming: called (piece, token logprobs, sample index)
     work: object | None = None   # callable run with the backbone lock held, in place of a row
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
@@ -49,7 +50,8 @@ class Scheduler:
 
     @property
     def depth(self) -> int:
-        return len(self._q)
+        """Queued rows (a job of n samples counts n)."""
+        return sum(j.n for j in self._q)
 
     def submit(self, jobs: list[Job]) -> None:
         """Queue the jobs; 413 for jobs that could never fit (`check_fits`), 429 while the queue has
@@ -58,8 +60,8 @@ class Scheduler:
         with self._cond:
             if self._closed:
                 raise Unavailable("server is shutting down", code="shutting_down")
-            if len(self._q) + len(jobs) > self.max_queue:
-                raise Overloaded(f"queue is full ({len(self._q)} waiting); retry later",
+            if self.depth + sum(j.n for j in jobs) > self.max_queue:
+                raise Overloaded(f"queue is full ({self.depth} rows waiting); retry later",
                                  code="queue_full", headers={"Retry-After": "1"})
             self._q.extend(jobs)
             self._cond.notify()
@@ -67,8 +69,9 @@ class Scheduler:
     def check_fits(self, jobs: list[Job]) -> None:
         """413 for a request that no wait would let in: more rows than the queue holds, or a row
         over the batch's token budget."""
-        if len(jobs) > self.max_queue:
-            raise TooLarge(f"{len(jobs)} rows are more than the queue holds ({self.max_queue})",
+        rows = sum(j.n for j in jobs)
+        if rows > self.max_queue:
+            raise TooLarge(f"{rows} rows are more than the queue holds ({self.max_queue})",
                            code="request_too_large")
         cost = max(j.cost for j in jobs)
         if cost > self.max_batch_tokens:
@@ -76,7 +79,8 @@ class Scheduler:
                            code="request_too_large")
 
     def next_batch(self, timeout: float = 0.5, rows: int | None = None, fits=None) -> list[Job]:
-        """The oldest jobs, FIFO, up to `rows` (at most max_batch_size); [] on timeout or close.
+        """The oldest jobs, FIFO, up to `rows` rows (at most max_batch_size; a job of n samples is n
+        rows, and the first job is always taken); [] on timeout or close.
         Without `fits`, within max_batch_tokens of cost and at least one job. With `fits` (a
         predicate on the jobs taken so far plus the next: room left in a running batch), a job is
         taken only if it fits, so none may be taken; the queue's order is kept either way."""
@@ -84,12 +88,15 @@ class Scheduler:
         with self._cond:
             if not self._q and timeout > 0:
                 self._cond.wait(timeout)
-            batch, live, used = [], [], 0
-            while self._q and len(batch) < rows:
+            batch, live, used, taken = [], [], 0, 0
+            while self._q and taken < rows:
                 job = self._q[0]
                 if job.cancelled:  # its request went away: handed over to be counted, it takes no room
                     batch.append(self._q.popleft())
+                    taken += 1
                     continue
+                if live and taken + job.n > rows:
+                    break
                 if fits is not None and not fits(live + [job]):
                     break
                 if fits is None and live and used + job.cost > self.max_batch_tokens:
@@ -97,6 +104,7 @@ class Scheduler:
                 batch.append(self._q.popleft())
                 live.append(job)
                 used += job.cost
+                taken += job.n
             return batch
 
     def close(self) -> None:

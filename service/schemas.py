@@ -12,6 +12,8 @@ NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"  # a task name matches it in full (r
 
 
 MAX_INPUTS = 64  # texts in one request, on every API
+MAX_LOGPROBS = 20  # most likely alternatives per generated token (parameters.logprobs, OpenAI top_logprobs)
+MAX_SAMPLES = 16  # samples per input (parameters.n, OpenAI n)
 
 
 def _utf8(v: str) -> str:
@@ -44,6 +46,15 @@ class InferParameters(Strict):
         description="Answer choices (rank classification): each is scored as a continuation of the input, exactly "
                     "as given, as a task's labels are; the output's label is the most likely one and scores their "
                     "probabilities. Overrides a task's labels.")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS,
+        description=f"Return each generated token's log probability and its k (0 to {MAX_LOGPROBS}) most likely "
+                    "alternatives: the log-softmax of the model's logits, before temperature, top-k and top-p. "
+                    "Generation tasks only (a task that scores labels answers with `scores`).")
+    n: int | None = Field(
+        None, ge=1, le=MAX_SAMPLES,
+        description=f"Samples per input (1 to {MAX_SAMPLES}), sharing one prefill of the input; sample i is seeded "
+                    "seed + i. `outputs` then holds n outputs per input, input by input. Generation tasks only.")
 
     @field_validator("stop")
     @classmethod
@@ -74,6 +85,17 @@ class Passage(BaseModel):
     used: bool = Field(description="Packed into the reader's context.")
 
 
+class TopLogprob(BaseModel):
+    token: str = Field(description="The token's own text (U+FFFD when it holds part of a multi-byte character).")
+    id: int = Field(description="The token id.")
+    logprob: float
+    bytes: list[int] = Field(description="The token's UTF-8 bytes (exact, also for part of a character).")
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(description="The step's most likely tokens, best first (k of them).")
+
+
 class Output(BaseModel):
     text: str
     finish_reason: str = Field(description="'stop' (EOS or a stop string), 'length', or 'label'.")
@@ -81,6 +103,9 @@ class Output(BaseModel):
     scores: dict[str, float] | None = Field(None, description="Label probabilities (classification tasks).")
     passages: list[Passage] | None = Field(None, description="Tasks that read documents (rrr): the retrieved "
                                                              "passages, best first, and which were packed.")
+    logprobs: list[TokenLogprob] | None = Field(
+        None, description="With parameters.logprobs: one entry per generated token (a stop string's tokens "
+                          "included, the end-of-sequence token not).")
 
 
 class Usage(BaseModel):

@@ -140,7 +140,8 @@ def test_streamed_pieces_add_up_to_the_text(tiny):
     m = NoModule(tiny)
     pieces: list[str] = []
     ids = m.encode("stream me")
-    g = generate(tiny, [GenItem(ids, Contribution(), Sampling(max_new_tokens=15, stop=["zz"]), pieces.append)])[0]
+    g = generate(tiny, [GenItem(ids, Contribution(), Sampling(max_new_tokens=15, stop=["zz"]),
+                                 lambda piece, _: pieces.append(piece))])[0]
     assert "".join(pieces) == g.text
 
 
@@ -156,7 +157,8 @@ def test_incremental_text_equals_a_full_decode(tiny):
     for _ in range(200):
         ids = [rng.randrange(len(tok)) for _ in range(rng.randint(1, 40))]
         pieces: list[str] = []
-        row = _RowState(GenItem([], Contribution(), Sampling(max_new_tokens=len(ids)), pieces.append), tok, set())
+        row = _RowState(GenItem([], Contribution(), Sampling(max_new_tokens=len(ids)),
+                                    lambda piece, _: pieces.append(piece)), tok, set())
         for t in ids:
             row.push(t)
         full = tok.decode(ids, skip_special_tokens=True)

@@ -81,7 +81,7 @@ def test_a_failing_row_fails_only_its_own_request(tiny, how):
     jobs = [make() for make in makers[:2]] + [_job(bad, "boom", Sampling(max_new_tokens=6))] + \
         [make() for make in makers[2:]]
     streamed = []
-    jobs[1].on_text = streamed.append
+    jobs[1].on_text = lambda piece, tokens, index: streamed.append(piece)
     engine.run(jobs)
     outcomes = [_outcome(j) for j in jobs]
     assert outcomes[2] in (RuntimeError, RowError)

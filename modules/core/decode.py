@@ -1,15 +1,21 @@
 """Scoring over mixed batches of rows, and the per-row state of generation.
 
 `score` returns each label's log-likelihood as a continuation of a row (differentiable, so the
-trainer uses it too). A generation row's sampling settings, its next-token choice and its text
-(streamed as it grows, stop strings, finish reasons) live here; the decode loop that runs many
-rows together is `modules.core.running` (`generate`, `RunningBatch`).
+trainer uses it too). A generation row's sampling settings, its next-token choice, its tokens'
+log probabilities and its text (streamed as it grows, stop strings, finish reasons) live here;
+the decode loop that runs many rows together is `modules.core.running` (`generate`, `RunningBatch`).
+
+Log probabilities follow vLLM's default (`raw_logprobs`): the log-softmax, in float32, of the
+model's own logits for the step, before temperature, top-k and top-p. So they do not depend on
+the sampling settings, and a token's logprob is the same greedy or sampled, alone or batched.
 """
 
 from __future__ import annotations
 
+import weakref
+from bisect import bisect_right
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -77,6 +83,24 @@ class Sampling:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # generate max_new_tokens whatever comes (benchmarks: equal work per row)
+    logprobs: int | None = None  # None: none; k: each token's logprob and its k most likely alternatives
+
+    def for_sample(self, i: int) -> "Sampling":
+        """The settings of sample i of a prompt: its own seed stream, seed + i (when seeded)."""
+        return self if i == 0 or self.seed is None else replace(self, seed=self.seed + i)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token, its text alone and its bytes (exact even when the token is part of a multi-byte
+    character, whose text alone reads U+FFFD), its log probability under the model, and, for a
+    generated token, the `Sampling.logprobs` most likely tokens of its step, best first."""
+
+    id: int
+    text: str
+    bytes: bytes
+    logprob: float
+    top: tuple["TokenLogprob", ...] = ()
 
 
 @dataclass
@@ -84,7 +108,9 @@ class GenItem:
     ids: list[int]
     contribution: Contribution
     sampling: Sampling
-    on_text: Callable[[str], None] | None = None  # called with each new piece of text (streaming)
+    # called with each new piece of text and the logprobs of the tokens whose text ends in it
+    # (streaming; the list is empty unless `sampling.logprobs` is set)
+    on_text: Callable[[str, list[TokenLogprob]], None] | None = None
     stop_requested: Callable[[], bool] | None = None  # true once the caller gave up: the row stops
     prefix_key: str | None = None  # the module's content hash: its leading keys/values may be cached
 
@@ -95,6 +121,7 @@ class Generated:
     text: str
     finish_reason: str  # "stop" (EOS or a stop string), "length", "cancelled", or "error"
     error: RowError | None = None  # why this row stopped, when finish_reason is "error"
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when sampling.logprobs is set
 
 
 class RowError(RuntimeError):
@@ -125,14 +152,22 @@ def _pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int
 
 
 class _RowState:
-    """One row's generated tokens and text. Text is detokenized incrementally (a window from the
-    last stable point, as TGI and vLLM do), so a long generation costs O(n), not O(n^2)."""
+    """Everything one generation row carries through the decode loop: its sampling generator, its
+    tokens, their logprobs, its text and how much of it was streamed. The running batch keeps one
+    per row (a sample of a prompt is a row of its own) and calls `pick` then `push` for each new
+    token; a per-row constraint on the next token (structured output) belongs here too.
+
+    Text is detokenized incrementally (a window from the last stable point, as TGI and vLLM do), so
+    a long generation costs O(n), not O(n^2)."""
 
     def __init__(self, item: GenItem, tokenizer, eos: set[int]):
         self.item, self.tokenizer, self.eos = item, tokenizer, eos
         self.ids: list[int] = []
         self.text = ""
         self.emitted = 0
+        self.logprobs: list[TokenLogprob] | None = None if item.sampling.logprobs is None else []
+        self._ends: list[int] = []  # len(text) after each token: a streamed token goes out with its text's end
+        self._sent = 0              # logprobs streamed so far
         self.finish: str | None = None
         self.error: RowError | None = None
         self._prefix = self._read = 0  # ids[_prefix:_read] decode to the end of `text`
@@ -149,6 +184,10 @@ class _RowState:
     def fail(self, error: RowError) -> None:
         self.finish, self.error = "error", error
 
+    def pick(self, logits: torch.Tensor) -> int:
+        """This row's next token from its logits (V,), by its sampling settings and generator."""
+        return _pick(logits, self.item.sampling, self.gen)
+
     def _detokenize(self, final: bool) -> None:
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         before = decode(self.ids[self._prefix:self._read])
@@ -157,7 +196,8 @@ class _RowState:
             self.text += after[len(before):]
             self._prefix, self._read = self._read, len(self.ids)
 
-    def push(self, tok: int) -> None:
+    def push(self, tok: int, logprob: TokenLogprob | None = None) -> None:
+        """Take the next token (and its logprob entry, when the row asked for logprobs)."""
         s = self.item.sampling
         if self.item.stop_requested is not None and self.item.stop_requested():
             self.finish = "cancelled"
@@ -169,6 +209,9 @@ class _RowState:
         else:
             self.ids.append(tok)
             self._detokenize(final=len(self.ids) >= s.max_new_tokens)
+            if self.logprobs is not None:
+                self.logprobs.append(logprob)
+                self._ends.append(len(self.text))
         for stop in s.stop:  # look where a stop string could have just completed
             at = self.text.find(stop, max(0, seen - len(stop) + 1))
             if at >= 0:
@@ -183,6 +226,56 @@ class _RowState:
         end = len(self.text) if self.finish else len(self.text) - self.holdback
         if not self.finish and self.text.endswith("\ufffd"):  # an incomplete UTF-8 character
             end = min(end, len(self.text) - 1)
+        piece, tokens = "", []
         if end > self.emitted:
-            self.item.on_text(self.text[self.emitted:end])
-            self.emitted = end
+            piece, self.emitted = self.text[self.emitted:end], end
+        if self.logprobs is not None:  # the tokens whose text is all out (every token, at the end)
+            upto = len(self.logprobs) if self.finish else bisect_right(self._ends, self.emitted)
+            tokens, self._sent = self.logprobs[self._sent:upto], max(self._sent, upto)
+        if piece or tokens:
+            self.item.on_text(piece, tokens)
+
+
+_pieces: "weakref.WeakKeyDictionary[object, dict[int, tuple[str, bytes]]]" = weakref.WeakKeyDictionary()
+_BYTE_OF: dict[str, int] | None = None  # byte-level BPE's printable stand-in characters -> the bytes
+
+
+def token_piece(tokenizer, token: int) -> tuple[str, bytes]:
+    """A token's own text and its bytes, cached per tokenizer. A byte-level BPE token that holds
+    part of a multi-byte character decodes to U+FFFD alone; its bytes come from its stand-in
+    characters (GPT-2's byte-to-unicode table) instead."""
+    global _BYTE_OF
+    cache = _pieces.setdefault(tokenizer, {})
+    if token in cache:
+        return cache[token]
+    text = tokenizer.decode([token])
+    data = text.encode("utf-8")
+    if "\ufffd" in text:
+        if _BYTE_OF is None:
+            from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+            _BYTE_OF = {ch: b for b, ch in bytes_to_unicode().items()}
+        raw = tokenizer.convert_ids_to_tokens(token)
+        if isinstance(raw, str) and raw and all(ch in _BYTE_OF for ch in raw):
+            data = bytes(_BYTE_OF[ch] for ch in raw)
+    cache[token] = (text, data)
+    return text, data
+
+
+def token_logprobs(tokenizer, logits: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprob]:
+    """Each row's chosen token with its logprob and its row's k most likely tokens. logits (b, V)
+
+    The log-softmax is taken row by row in float32 on the logits as the model gave them (before
+    temperature, top-k and top-p), so a row's values do not depend on the other rows."""
+    logp = torch.log_softmax(logits.float(), -1)                                      # (b, V)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    k = max(ks)
+    if k:
+        values, order = logp.topk(min(k, logp.shape[-1]), -1)                        # (b, k)
+        values, order = values.tolist(), order.tolist()
+
+    def entry(tok: int, lp: float, top=()) -> TokenLogprob:
+        return TokenLogprob(tok, *token_piece(tokenizer, tok), lp, top)
+
+    return [entry(t, lp, tuple(entry(o, v) for o, v in zip(order[b][:kb], values[b][:kb])) if kb else ())
+            for b, (t, lp, kb) in enumerate(zip(tokens, chosen, ks))]

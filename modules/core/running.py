@@ -8,7 +8,10 @@ several steps), then runs one decode token for every running row:
 
 A chunk after the first runs as a row whose earlier keys/values come in as a key/value prefix
 (`modules.core.batch.Contribution.prefix`), exactly as a `prefix` module's do; a prefix-cache hit
-(`modules.core.prefix_cache`) starts a row the same way.
+(`modules.core.prefix_cache`) starts a row the same way. The n samples of one prompt
+(`join_samples`) share its prefill: the prompt's keys/values are computed once, each sample draws
+its first token from the same logits with its own generator, and the keys/values are copied into
+each sample's slot.
 
 Keys and values of the running rows live in one buffer per layer, `(slots, kv_heads, columns,
 head_dim)`. Every decode step writes the next token of every slot at the same column `n`:
@@ -38,7 +41,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from modules.core.batch import DeltaPlan, Row, build_pass
-from modules.core.decode import Generated, GenItem, RowError, _pick, _RowState
+from modules.core.decode import Generated, GenItem, RowError, _RowState, token_logprobs
 from modules.core.prefix_cache import PrefixCache, row_kv
 
 log = logging.getLogger("frozenlm.running")
@@ -80,15 +83,20 @@ class _SlotCache(DynamicCache):
 
 
 class _Waiting:
-    """A joined row part-way through its prefill: `done` ids are in `kv`, 2 x (N, kvh, P, hd)."""
+    """A joined prompt part-way through its prefill: `done` ids are in `kv`, 2 x (N, kvh, P, hd).
+    `states` are its rows: one, or the n samples that share this prefill."""
 
-    def __init__(self, state: _RowState, done: int = 0, kv: tuple[torch.Tensor, torch.Tensor] | None = None):
-        self.state, self.done, self.kv = state, done, kv
+    def __init__(self, states: list[_RowState], done: int = 0, kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.states, self.done, self.kv = states, done, kv
+
+    @property
+    def item(self) -> GenItem:
+        return self.states[0].item
 
     def row(self, n: int) -> Row:
         """The next chunk of n ids: after the keys/values so far, or (first chunk) with the module's
         own contribution."""
-        item = self.state.item
+        item = self.item
         if self.kv is None:
             return Row(item.ids[:n], item.contribution)
         return Row(item.ids[self.done:self.done + n], item.contribution.continued(self.kv))
@@ -123,10 +131,11 @@ class RunningBatch:
         self._waiting: list[_Waiting] = []                                     # joined, prefill not done
         self.first: list[GenItem] = []    # the rows that got their first token in the last step
         self.decoded: list[GenItem] = []  # the rows that got a next token in the last step's decode
+        self.prefilled = 0                # positions run through prefill passes so far (virtual tokens too)
 
     def __len__(self) -> int:
         """Rows joined and not finished (decoding or waiting for their prefill)."""
-        return sum(r is not None for r in self.rows) + len(self._waiting)
+        return sum(r is not None for r in self.rows) + sum(len(w.states) for w in self._waiting)
 
     @property
     def tokens(self) -> int:
@@ -137,7 +146,7 @@ class RunningBatch:
     @property
     def waiting(self) -> int:
         """Rows joined but not yet through their prefill."""
-        return len(self._waiting)
+        return sum(len(w.states) for w in self._waiting)
 
     def fits(self, rows: list[tuple[int, int]], budget: int) -> bool:
         """Whether rows of (prompt positions, max new tokens) can join without the key/value buffer
@@ -147,9 +156,10 @@ class RunningBatch:
         if live:
             start = int(self.mask[[s for s, r in enumerate(self.rows) if r is not None]].any(0).nonzero().min())
         span = self.n - start if live else 0
-        for w in self._waiting:
-            c = w.state.item.contribution
-            rows = rows + [(c.prefix_length + c.num_virtual_tokens + len(w.state.item.ids), w.state.item.sampling.max_new_tokens)]
+        for w in self._waiting:  # each sample takes a slot of its own
+            c = w.item.contribution
+            rows = rows + [(c.prefix_length + c.num_virtual_tokens + len(w.item.ids), s.item.sampling.max_new_tokens)
+                           for s in w.states]
         width = max([span] + [p for p, _ in rows]) + max([r.item.sampling.max_new_tokens - len(r.ids) for r in live]
                                                       + [m for _, m in rows] + [0]) + 1
         slots = max(_power_of_two(len(live) + len(rows), _MIN_SLOTS), len(self.rows))
@@ -161,8 +171,18 @@ class RunningBatch:
         """Queue `items` for prefill: the next steps prefill them (in chunks, within the per-step
         budget, starting from any cached prefix); each then takes a free slot with its first token."""
         for it in items:
-            h, kv = self.prefix_cache.lookup(it.prefix_key, it.ids) if self.prefix_cache else (0, None)
-            self._waiting.append(_Waiting(_RowState(it, self.backbone.tokenizer, self.backbone.eos_token_ids), h, kv))
+            self.join_samples([it])
+
+    def join_samples(self, samples: list[GenItem]) -> None:
+        """Queue the samples of one prompt (the same ids and contribution; each its own sampling,
+        e.g. `Sampling.for_sample(i)`, and callbacks): the prompt is prefilled once, as one row,
+        then each sample takes a slot of its own with a copy of its keys/values."""
+        first = samples[0]
+        if any(s.ids != first.ids or s.contribution is not first.contribution for s in samples):
+            raise ValueError("samples of one prompt must share its ids and contribution")
+        h, kv = self.prefix_cache.lookup(first.prefix_key, first.ids) if self.prefix_cache else (0, None)
+        bb = self.backbone
+        self._waiting.append(_Waiting([_RowState(s, bb.tokenizer, bb.eos_token_ids) for s in samples], h, kv))
 
     def _chunks(self) -> list[tuple["_Waiting", int]]:
         """The waiting rows of this step's prefill, FIFO, and how many ids each gets, within
@@ -171,8 +191,8 @@ class RunningBatch:
         for w in self._waiting:
             if budget <= 0:
                 break
-            lead = w.state.item.contribution.num_virtual_tokens if w.kv is None else 0
-            n = min(len(w.state.item.ids) - w.done, max(budget - lead, 1))
+            lead = w.item.contribution.num_virtual_tokens if w.kv is None else 0
+            n = min(len(w.item.ids) - w.done, max(budget - lead, 1))
             out.append((w, n))
             budget -= lead + n
         return out
@@ -193,43 +213,47 @@ class RunningBatch:
                     self._fail(chunk[0], e)
 
     def _fail(self, w: "_Waiting", error: Exception) -> None:
-        """A waiting row whose prefill failed alone: it leaves with its error."""
+        """A waiting prompt whose prefill failed alone: its rows leave with its error."""
         self._waiting.remove(w)
-        w.state.fail(RowError(f"the task's module failed: {type(error).__name__}: {error}"))
-        self._done.append((w.state.item, _result(w.state)))
+        for s in w.states:
+            s.fail(RowError(f"the task's module failed: {type(error).__name__}: {error}"))
+            self._done.append((s.item, _result(s)))
 
     def _prefill_pass(self, chunks: list[tuple["_Waiting", int]]) -> None:
         bb = self.backbone
-        p = build_pass(bb, [w.row(n) for w, n in chunks])
+        rows = [w.row(n) for w, n in chunks]
+        p = build_pass(bb, rows)
         cache = p.cache if p.cache is not None else bb.new_cache()
         hidden = bb.forward(p.embeds, p.mask, p.positions, cache, p.deltas)              # (b, L, H)
         logits = bb.logits(hidden[:, -1])                                                # (b, V)
+        self.prefilled += sum(len(r) for r in rows)
         ready = []
         for b, (w, n) in enumerate(chunks):
             w.kv = row_kv(p.mask, cache, b)  # the row's keys/values so far
             w.done += n
-            if w.done == len(w.state.item.ids):
-                ready.append((w, logits[b]))
+            if w.done == len(w.item.ids):
+                ready.append((w, b))
         for w, _ in ready:
             self._waiting.remove(w)
             if self.prefix_cache is not None:
-                c = w.state.item.contribution
-                self.prefix_cache.insert(w.state.item.prefix_key, w.state.item.ids, *w.kv,
-                                         c.prefix_length + c.num_virtual_tokens)
-        if ready:
-            _push([w.state for w, _ in ready], torch.stack([lg for _, lg in ready]))
-            self.first += [w.state.item for w, _ in ready]
-            self._done += [(w.state.item, _result(w.state)) for w, _ in ready if w.state.finish is not None]
-            self._place([w for w, _ in ready if w.state.finish is None])
+                c = w.item.contribution
+                self.prefix_cache.insert(w.item.prefix_key, w.item.ids, *w.kv, c.prefix_length + c.num_virtual_tokens)
+        if ready:  # every sample of a prompt draws its first token from the prompt's logits
+            states = [(w, s) for w, _ in ready for s in w.states]
+            _push([s for _, s in states], logits[[b for w, b in ready for _ in w.states]])   # (rows, V)
+            self.first += [s.item for _, s in states]
+            self._done += [(s.item, _result(s)) for _, s in states if s.finish is not None]
+            self._place([(w.kv, s) for w, s in states if s.finish is None])
 
-    def _place(self, rows: list["_Waiting"]) -> None:
-        """Copy prefilled rows' keys/values into free slots, right-aligned to end at column n."""
+    def _place(self, rows: list[tuple[tuple[torch.Tensor, torch.Tensor], _RowState]]) -> None:
+        """Copy prefilled rows' keys/values into free slots, right-aligned to end at column n (the
+        samples of one prompt each get a copy of the same keys/values)."""
         if not rows:
             return
-        self._make_room(len(rows), max(w.kv[0].shape[2] for w in rows))
+        self._make_room(len(rows), max(kv[0].shape[2] for kv, _ in rows))
         free = [s for s, r in enumerate(self.rows) if r is None][:len(rows)]
-        for w, s in zip(rows, free):
-            keys, values = w.kv
+        for (kv, state), s in zip(rows, free):
+            keys, values = kv
             P = keys.shape[2]
             for layer in range(len(self.keys)):
                 self.keys[layer][s, :, self.n - P:self.n] = keys[layer]
@@ -237,7 +261,7 @@ class RunningBatch:
             self.mask[s] = 0
             self.mask[s, self.n - P:self.n] = 1
             self.pos[s] = P  # a row's positions count its prefix, virtual tokens and ids: the next is P
-            self.rows[s] = w.state
+            self.rows[s] = state
         self._plan = None
 
     def _make_room(self, rows: int, width: int) -> None:
@@ -350,25 +374,38 @@ class RunningBatch:
 
 
 def _push(states: list[_RowState], logits: torch.Tensor) -> None:
-    """Each row's next token from its logits (b, V); a row with non-finite logits fails alone."""
+    """Each row's next token from its logits (b, V), and its logprobs when it asked for them (one
+    batched log-softmax over those rows); a row with non-finite logits fails alone."""
     finite = torch.isfinite(logits).all(-1).tolist()
-    for s, lg, ok in zip(states, logits, finite):
-        if not ok:
+    picks = [s.pick(lg) if ok else None for s, lg, ok in zip(states, logits, finite)]
+    entries = [None] * len(states)
+    want = [b for b, s in enumerate(states) if picks[b] is not None and s.logprobs is not None]
+    if want:
+        tokenizer = states[want[0]].tokenizer
+        got = token_logprobs(tokenizer, logits[want], [picks[b] for b in want],
+                             [states[b].item.sampling.logprobs for b in want])
+        for b, e in zip(want, got):
+            entries[b] = e
+    for s, tok, entry in zip(states, picks, entries):
+        if tok is None:
             s.fail(RowError("the task's module produced non-finite logits"))
         else:
-            s.push(_pick(lg, s.item.sampling, s.gen))
+            s.push(tok, entry)
 
 
 def _result(s: _RowState) -> Generated:
-    return Generated(s.ids, s.text, s.finish, s.error)
+    return Generated(s.ids, s.text, s.finish, s.error, s.logprobs)
 
 
-def generate(backbone, items: list[GenItem]) -> list[Generated]:
+def generate(backbone, items: list[GenItem | list[GenItem]]) -> list[Generated | list[Generated]]:
     """Generate for every item together, each row as if it ran alone: all rows join one running
-    batch at once and are decoded until the last finishes."""
-    batch = RunningBatch(backbone, prefill_tokens=sum(len(Row(it.ids, it.contribution)) for it in items))
-    batch.join(items)
+    batch at once and are decoded until the last finishes. A list in `items` is the samples of one
+    prompt (`RunningBatch.join_samples`: one prefill); its result is a list too."""
+    groups = [it if isinstance(it, list) else [it] for it in items]
+    batch = RunningBatch(backbone, prefill_tokens=sum(len(Row(g[0].ids, g[0].contribution)) for g in groups))
+    for g in groups:
+        batch.join_samples(g)
     done: dict[int, Generated] = {}
     while len(batch):
         done.update((id(it), g) for it, g in batch.step())
-    return [done[id(it)] for it in items]
+    return [[done[id(s)] for s in it] if isinstance(it, list) else done[id(it)] for it in items]

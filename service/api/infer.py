@@ -20,16 +20,22 @@ async def infer(name: str, req: InferRequest, rt: RuntimeDep, request: Request):
         if not isinstance(req.inputs, str):
             raise Invalid("streaming takes a single input text", code="invalid_request")
         events = await rt.stream(name, req.inputs, req.parameters)
-        return EventSourceResponse(_sse(events))
+        return EventSourceResponse(_sse(events, samples=(req.parameters.n or 1) > 1))
     inputs = [req.inputs] if isinstance(req.inputs, str) else req.inputs
     return await rt.infer(name, inputs, req.parameters, disconnected=request.is_disconnected)
 
 
-async def _sse(events):
-    """{"text": piece} per piece, then an event `done` with the whole response (or `error`)."""
+async def _sse(events, samples: bool):
+    """{"text": piece} per piece (with "index", the sample's, when n > 1, and "logprobs", its
+    tokens', when asked), then an event `done` with the whole response (or `error`)."""
     async for event, value in events:
         if event == "text":
-            yield {"data": json.dumps({"text": value})}
+            data = {"text": value.text}
+            if samples:
+                data["index"] = value.index
+            if value.logprobs is not None:
+                data["logprobs"] = [t.model_dump() for t in value.logprobs]
+            yield {"data": json.dumps(data)}
         elif event == "done":
             yield {"event": "done", "data": value.model_dump_json(exclude_none=True)}
         else:

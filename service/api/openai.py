@@ -1,6 +1,10 @@
 """OpenAI-compatible endpoints: `model` is a task name (`base` = the backbone alone), so existing
 OpenAI clients work unchanged. Unset sampling parameters take the task's defaults (greedy unless
-the task says otherwise); a classification task answers with its label as the text."""
+the task says otherwise); a classification task answers with its label as the text.
+
+`n` samples per prompt share one prefill (choice i of prompt p is at index p * n + i, seeded
+seed + i); `logprobs` (completions: an int k) and `logprobs` / `top_logprobs` (chat) answer in
+OpenAI's shapes, streamed too: the model's log-softmax before temperature, top-k and top-p."""
 
 from __future__ import annotations
 
@@ -9,12 +13,21 @@ import uuid
 from typing import Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sse_starlette.sse import EventSourceResponse
 
 from service.api.deps import ReaderDep, RuntimeDep
 from service.errors import Invalid
-from service.schemas import MAX_INPUTS, InferParameters, InferResponse, Inputs, Text
+from service.schemas import (
+    MAX_INPUTS,
+    MAX_LOGPROBS,
+    MAX_SAMPLES,
+    InferParameters,
+    InferResponse,
+    Inputs,
+    Text,
+    TokenLogprob,
+)
 from service.security import require_infer
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -28,18 +41,27 @@ class _Request(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: Text | list[Text] | None = None
-    seed: int | None = Field(None, ge=0)
-    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    n: int = Field(1, ge=1, le=MAX_SAMPLES, description="Samples per prompt, sharing one prefill; sample i is "
+                                                        "seeded seed + i.")
     stream: bool = False
 
     def parameters(self) -> InferParameters:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         return InferParameters(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                               stop=stop, seed=self.seed)
+                               stop=stop, seed=self.seed, n=self.n, logprobs=self.top_k_logprobs())
+
+    def top_k_logprobs(self) -> int | None:
+        return None
 
 
 class CompletionRequest(_Request):
     prompt: Inputs = Field(description=f"One prompt, or a list of prompts (max {MAX_INPUTS}).")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="Each token's logprob and the k most likely alternatives.")
+
+    def top_k_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class Message(BaseModel):
@@ -52,6 +74,9 @@ class Message(BaseModel):
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = Field(None, description="Return each token's logprob.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                     description="With logprobs: the k most likely alternatives of each token.")
 
     @field_validator("messages")
     @classmethod
@@ -59,6 +84,15 @@ class ChatRequest(_Request):
         if v[-1].role != "user":
             raise ValueError("the last message must have role 'user'")
         return v
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> "ChatRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs to be true")
+        return self
+
+    def top_k_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def parameters(self) -> InferParameters:
         p = super().parameters()
@@ -77,6 +111,36 @@ def _finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
+def _completion_logprobs(tokens: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
+    """The completions API's logprobs: the top_logprobs of a token hold its k alternatives and the
+    token itself (up to k + 1 entries, keyed by text, as OpenAI's); text_offset counts from `offset`."""
+    if tokens is None:
+        return None
+    offsets, top = [], []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t.token)
+        alternatives = {}
+        for a in t.top_logprobs:
+            alternatives.setdefault(a.token, a.logprob)
+        alternatives.setdefault(t.token, t.logprob)
+        top.append(alternatives)
+    return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": top, "text_offset": offsets}
+
+
+def _chat_logprobs(tokens: list[TokenLogprob] | None) -> dict | None:
+    """The chat API's logprobs: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}."""
+    if tokens is None:
+        return None
+
+    def one(t) -> dict:
+        return {"token": t.token, "logprob": t.logprob, "bytes": t.bytes}
+
+    return {"content": [{**one(t), "top_logprobs": [one(a) for a in t.top_logprobs]} for t in tokens],
+            "refusal": None}
+
+
 @router.get("/models", dependencies=[ReaderDep], summary="Tasks as OpenAI models")
 def models(rt: RuntimeDep) -> dict:
     names = ["base"] + [t.name for t in rt.list_tasks() if t.status == "ready"]
@@ -93,15 +157,21 @@ async def completions(req: CompletionRequest, rt: RuntimeDep, request: Request):
         if len(prompts) != 1:
             raise Invalid("streaming takes a single prompt", code="invalid_request")
 
-        def chunk(text: str, finish: str | None) -> dict:
+        offsets: dict[int, int] = {}  # choice -> characters of its tokens so far (text_offset)
+
+        def chunk(index: int, text: str, tokens: list[TokenLogprob] | None, finish: str | None) -> dict:
+            logprobs = _completion_logprobs(tokens, offsets.get(index, 0))
+            if logprobs is not None:
+                offsets[index] = offsets.get(index, 0) + sum(len(t.token) for t in tokens)
             return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                    "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+                    "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
 
         return EventSourceResponse(_stream(await rt.stream(req.model, prompts[0], req.parameters()), chunk))
     r = await rt.infer(req.model, prompts, req.parameters(), disconnected=request.is_disconnected)
+    # outputs come input by input, n per input: choice p * n + i is sample i of prompt p
     return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-            "choices": [{"index": i, "text": o.text, "finish_reason": _finish(o.finish_reason), "logprobs": None}
-                        for i, o in enumerate(r.outputs)],
+            "choices": [{"index": i, "text": o.text, "finish_reason": _finish(o.finish_reason),
+                         "logprobs": _completion_logprobs(o.logprobs)} for i, o in enumerate(r.outputs)],
             "usage": _usage(r)}
 
 
@@ -111,34 +181,38 @@ async def chat_completions(req: ChatRequest, rt: RuntimeDep, request: Request):
     messages = [m.model_dump() for m in req.messages]
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if req.stream:
-        first = True
+        started: set[int] = set()  # choices whose first chunk (with the role) went out
 
-        def chunk(text: str, finish: str | None) -> dict:
-            nonlocal first
-            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            first = False
+        def chunk(index: int, text: str, tokens: list[TokenLogprob] | None, finish: str | None) -> dict:
+            delta = {"content": text} if text or index not in started else {}
+            if index not in started:
+                started.add(index)
+                delta = {"role": "assistant", **delta}
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                    "choices": [{"index": index, "delta": delta, "finish_reason": finish,
+                                 "logprobs": _chat_logprobs(tokens)}]}
 
         return EventSourceResponse(_stream(await rt.stream(req.model, messages, req.parameters()), chunk))
     r = await rt.infer(req.model, [messages], req.parameters(), disconnected=request.is_disconnected)
-    out = r.outputs[0]
     return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                         "finish_reason": _finish(out.finish_reason)}],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": o.text},
+                         "finish_reason": _finish(o.finish_reason), "logprobs": _chat_logprobs(o.logprobs)}
+                        for i, o in enumerate(r.outputs)],
             "usage": _usage(r)}
 
 
 async def _stream(events, chunk):
+    """One chunk per streamed piece (of any choice), then one closing chunk per choice with its
+    finish_reason, then [DONE]."""
     import json
 
     async for event, value in events:
         if event == "text":
-            yield {"data": json.dumps(chunk(value, None))}
+            yield {"data": json.dumps(chunk(value.index, value.text, value.logprobs, None))}
         elif event == "done":
-            out = value.outputs[0]
-            tail = out.text if out.finish_reason == "label" else ""  # a label arrives whole, at the end
-            yield {"data": json.dumps(chunk(tail, _finish(out.finish_reason)))}
+            for i, out in enumerate(value.outputs):
+                tail = out.text if out.finish_reason == "label" else ""  # a label arrives whole, at the end
+                yield {"data": json.dumps(chunk(i, tail, None, _finish(out.finish_reason)))}
         else:
             yield {"data": json.dumps({"error": value})}
     yield {"data": "[DONE]"}
