@@ -21,13 +21,13 @@ Prints a table and writes bench/results/n_samples.json (the README table is made
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 from common import machine  # bench/common.py (the script's folder is on sys.path)
+from tables import report  # bench/tables.py
 
 from modules.core.backbone import Backbone
 from modules.core.decode import Sampling
@@ -94,25 +94,6 @@ def run(engine, module, ids, sampling: Sampling, setup: str, n: int, meter: Pref
             "texts": [g.text for g in samples], "tokens": sum(len(g.token_ids) for g in samples)}
 
 
-def table(r: dict) -> str:
-    """The README's table from the JSON."""
-    lines = [f"Embedded backbone ({r['backbone']}), one {r['prompt_tokens']}-token chat prompt, {r['n']} samples of "
-             f"{r['new_tokens']} tokens each (temperature 0.8, top-p 0.95, EOS ignored), prefix cache off, median of "
-             f"{r['repeats']} runs; {r['machine']}. Shared and separate samples are the same texts: "
-             f"{'yes' if r['same_texts_shared_and_separate'] else 'NO'}.", "",
-             "| setup | prefill positions | prefill s | wall s | prefill positions / n=1 | prefill s / n=1 | "
-             "wall / n=1 |", "|---|---:|---:|---:|---:|---:|---:|"]
-    names = {"n1": "n = 1", "shared": f"n = {r['n']}, one request (one prefill)",
-             "separate": f"{r['n']} separate requests"}
-    for key, label in names.items():
-        v = r["results"][key]
-        q = r["ratios"].get(f"{key}_over_n1", {"prefill_positions": 1.0, "prefill_s": 1.0, "wall_s": 1.0})
-        lines.append(f"| {label} | {v['prefill_positions']} | {v['prefill_s']} | {v['wall_s']} | "
-                     f"{q['prefill_positions']} | {q['prefill_s']} | {q['wall_s']} |")
-    lines += ["", f"Wall time, {r['n']} separate requests / one request with n = {r['n']}: "
-                  f"{r['ratios']['separate_over_shared_wall_s']}."]
-    return "\n".join(lines)
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -156,9 +137,7 @@ def main() -> None:
     out = {"machine": machine(bb), "backbone": bb.name, "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
            "n": args.n, "repeats": args.repeats, "seed": args.seed, "same_texts_shared_and_separate": same,
            "results": results, "ratios": ratios}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(table(out))
+    report("n_samples", out, args.out)
 
 
 if __name__ == "__main__":

@@ -123,8 +123,28 @@ def recursion(r: dict) -> str:
                                                         "latency vs base (SST-2 / SQuAD)"], rows)])
 
 
+def n_samples(r: dict) -> str:
+    lines = [f"Embedded backbone ({r['backbone']}), one {r['prompt_tokens']}-token chat prompt, {r['n']} samples of "
+             f"{r['new_tokens']} tokens each (temperature 0.8, top-p 0.95, EOS ignored), prefix cache off, median of "
+             f"{r['repeats']} runs; {r['machine']}. Shared and separate samples are the same texts: "
+             f"{'yes' if r['same_texts_shared_and_separate'] else 'NO'}.", "",
+             "| setup | prefill positions | prefill s | wall s | prefill positions / n=1 | prefill s / n=1 | "
+             "wall / n=1 |", "|---|---:|---:|---:|---:|---:|---:|"]
+    names = {"n1": "n = 1", "shared": f"n = {r['n']}, one request (one prefill)",
+             "separate": f"{r['n']} separate requests"}
+    for key, label in names.items():
+        v = r["results"][key]
+        q = r["ratios"].get(f"{key}_over_n1", {"prefill_positions": 1.0, "prefill_s": 1.0, "wall_s": 1.0})
+        lines.append(f"| {label} | {v['prefill_positions']} | {v['prefill_s']} | {v['wall_s']} | "
+                     f"{q['prefill_positions']} | {q['prefill_s']} | {q['wall_s']} |")
+    lines += ["", f"Wall time, {r['n']} separate requests / one request with n = {r['n']}: "
+                  f"{r['ratios']['separate_over_shared_wall_s']}."]
+    return "\n".join(lines)
+
+
 TABLES = {"mixed_batch": mixed_batch, "sst2_http": sst2_http, "squad_rrr": squad_rrr, "continuous": continuous,
-          "calibration": calibration, "choices": choices, "p3_idpt": p3_idpt, "recursion": recursion}
+          "calibration": calibration, "choices": choices, "p3_idpt": p3_idpt, "recursion": recursion,
+          "n_samples": n_samples}
 
 
 if __name__ == "__main__":
