@@ -34,7 +34,7 @@ class Runtime:
         self.backbone = backbone  # injected (tests) or loaded in load()
         self.registry = None
         self.engine = None
-        self.documents = None  # service.documents.DocumentStore, once loaded
+        self._documents = None  # service.documents.Documents, once loaded (see `documents`)
         # Backbone passes outside the engine thread (document embedding) hold this lock per batch, and
         # so does the engine: Backbone.forward keeps the running pass's per-row deltas on the shared
         # backbone, so two passes must never overlap.
@@ -50,7 +50,7 @@ class Runtime:
 
         from modules.core.backbone import Backbone
         from service.continuous import ContinuousEngine
-        from service.documents import DocumentStore
+        from service.documents import Documents
         from service.engine import Engine
         from service.registry import Registry
         from service.store import ModuleStore
@@ -68,11 +68,11 @@ class Runtime:
             store = ModuleStore(s.store_dir)
             self.registry = Registry(store, self.backbone, s.cache_bytes, max_artifact_bytes=8 * s.max_upload_bytes,
                                      host_cache_bytes=s.host_cache_bytes, pinned=frozenset(s.pinned))
-            self.documents = DocumentStore(store, self.backbone, self.backbone_lock)
+            self._documents = Documents(store, self.backbone, self.backbone_lock)
             if s.examples and not store.names():
                 self._install_examples(s.examples_dir)
             self.registry.check_all()
-            self.documents.open_all()
+            self._documents.open_all()
             hooks = {"on_batch": metrics.observe_batch, "on_cancel": metrics.CANCELLED.inc, "lock": self.backbone_lock}
             if s.engine == "static":
                 self.engine = Engine(self.backbone, self.scheduler, **hooks)
@@ -112,6 +112,12 @@ class Runtime:
             raise Unavailable(self.error or "backbone is still loading", code="not_ready",
                               headers={"Retry-After": "5"})
 
+    @property
+    def documents(self):
+        """The documents feature (service.documents.Documents) the routes call; 503 until ready."""
+        self._require_ready()
+        return self._documents
+
     # --- tasks -------------------------------------------------------------------------------
 
     def _task_out(self, stored, with_manifest: bool) -> TaskOut:
@@ -135,36 +141,16 @@ class Runtime:
         return self._task_out(stored, True)
 
     def _artifact_documents(self, data: bytes):
-        """The documents an artifact carries ((docs, vectors or None)), or None; checked before
+        """The documents an artifact carries (service.documents.Carried), or None; checked before
         anything is stored, so a bad documents file refuses the whole upload."""
-        import numpy as np
-
         from modules.core.artifact import ArtifactError
-        from modules.core.retrieval import DOCUMENTS_FILE, VECTORS_FILE, read_vectors
-        from service.documents import parse_jsonl
         from service.errors import from_artifact_error
 
         try:
             files = self.registry.unpack(data)
         except ArtifactError as e:
             raise from_artifact_error(e) from e
-        if DOCUMENTS_FILE not in files:
-            return None
-        try:
-            docs = parse_jsonl(files[DOCUMENTS_FILE])
-        except Invalid as e:
-            raise Invalid(f"{DOCUMENTS_FILE}: {e.message}", code="invalid_artifact") from None
-        vectors = None
-        if VECTORS_FILE in files:
-            try:
-                vectors = read_vectors(files[VECTORS_FILE])
-            except ValueError as e:
-                raise Invalid(str(e), code="invalid_artifact") from None
-            want = (len(docs), self.backbone.hidden_size)
-            if vectors.shape != want or not np.isfinite(vectors).all():
-                raise Invalid(f"{VECTORS_FILE}: vectors must be finite, of shape {want}; got {vectors.shape}",
-                              code="invalid_artifact")
-        return docs, vectors
+        return self._documents.from_artifact(files)
 
     def _put(self, name: str, data: bytes):
         """Store a module; an artifact carrying documents makes them the task's documents."""
@@ -172,7 +158,7 @@ class Runtime:
         documents = self._artifact_documents(data)
         stored = self.registry.put(name, data)
         if documents is not None:
-            self.documents.replace(name, *documents)
+            self._documents.replace(name, documents)
         return stored
 
     def _resolve(self, name: str):
@@ -183,7 +169,7 @@ class Runtime:
         resolved = self.registry.resolve(name)
         module = resolved.module
         if module.reads_documents:
-            view = self.documents.view(resolved.name)
+            view = self._documents.view(resolved.name)
             if not len(view):
                 raise Conflict(f"task {name!r} ({module.kind}) answers from its documents and has none: "
                                f"upload them with POST /tasks/{name}/documents (JSON lines)", code="no_documents")
@@ -199,7 +185,7 @@ class Runtime:
     async def delete_task(self, name: str) -> None:
         self._require_ready()
         # under the task's documents lock: no document write runs into the folder being removed
-        await run_in_threadpool(self.documents.delete_task, name, self.registry.delete)
+        await run_in_threadpool(self._documents.delete_task, name, self.registry.delete)
 
     # --- inference ---------------------------------------------------------------------------
 
@@ -310,8 +296,8 @@ class Runtime:
         return self._response(resolved, jobs, results, t0)
 
     def _search_job(self, name: str, query: str, k: int, method: str) -> Job:
-        view = self.documents.view(name)
-        tokens = min(len(self.backbone.tokenizer(query)["input_ids"]), self.documents.max_tokens)
+        view = self._documents.view(name)
+        tokens = min(len(self.backbone.tokenizer(query)["input_ids"]), self._documents.max_tokens)
         return Job(None, [], None, tokens, work=lambda: view.search(query, k, method))
 
     async def search(self, name: str, query: str, k: int, method: str) -> list:
@@ -320,7 +306,7 @@ class Runtime:
         in its depth, 429 when it is full)."""
         self._require_ready()
         if method == "bm25":  # no backbone pass
-            return await run_in_threadpool(self.documents.search, name, query, k, method)
+            return await run_in_threadpool(self._documents.search, name, query, k, method)
         job = await run_in_threadpool(self._search_job, name, query, k, method)
         [hits] = await self._run([job])
         return hits

@@ -324,7 +324,7 @@ def test_a_fingerprint_mismatch_forces_a_rebuild(tiny, tmp_path):
 
 def test_document_store_reembeds_only_changed_documents_and_rebuilds_on_another_backbone(tiny, tmp_path, monkeypatch):
     import modules.core.retrieval as retrieval
-    from service.documents import DocumentStore
+    from service.documents import Documents
     from service.store import ModuleStore
 
     embedded = []
@@ -333,22 +333,22 @@ def test_document_store_reembeds_only_changed_documents_and_rebuilds_on_another_
                         lambda bb, texts, *a, **kw: embedded.append(len(texts)) or real(bb, texts, *a, **kw))
     modules = ModuleStore(tmp_path)
     modules.put("kb", _artifact(tiny), "prompt")
-    docs = DocumentStore(modules, tiny)
+    docs = Documents(modules, tiny)
     docs.open_all()
-    docs.put("kb", list(CORPUS))
+    docs.add("kb", _jsonl(_rows(CORPUS)))
     assert embedded == [len(CORPUS)]
-    docs.put("kb", [Document("tea", "Green tea.", "Tea"), Document("new", "Brand new.")])
+    docs.add("kb", _jsonl(_rows([Document("tea", "Green tea.", "Tea"), Document("new", "Brand new.")])))
     assert embedded == [len(CORPUS), 2]  # only the replaced and the new document
     with_one_store = docs.search("kb", "green tea", 3, "hybrid")
     assert embedded == [len(CORPUS), 2, 1]  # the query
 
-    reopened = DocumentStore(ModuleStore(tmp_path), tiny)
+    reopened = Documents(ModuleStore(tmp_path), tiny)
     reopened.open_all()
     assert embedded == [len(CORPUS), 2, 1]  # loaded, not re-embedded
     assert reopened.search("kb", "green tea", 3, "hybrid") == with_one_store
 
     other = tiny_backbone(seed=3)
-    moved = DocumentStore(ModuleStore(tmp_path), other)
+    moved = Documents(ModuleStore(tmp_path), other)
     moved.open_all()  # a dense index made on another backbone is rebuilt and saved
     assert embedded[-1] == len(CORPUS) + 1
     cur = json.loads((tmp_path / "kb" / "documents" / "current.json").read_text())
@@ -357,19 +357,19 @@ def test_document_store_reembeds_only_changed_documents_and_rebuilds_on_another_
     assert sorted(p.name for p in (tmp_path / "kb" / "documents").iterdir()) == sorted(
         ["current.json", f"docs-{cur['generation']}.jsonl", f"index-{cur['generation']}"])
     n = len(embedded)
-    DocumentStore(ModuleStore(tmp_path), other).open_all()
+    Documents(ModuleStore(tmp_path), other).open_all()
     assert len(embedded) == n  # saved: the next start does not rebuild again
 
 
 def test_leftovers_of_an_interrupted_write_are_removed_and_a_lost_index_is_rebuilt(tiny, tmp_path):
     import shutil
 
-    from service.documents import DocumentStore
+    from service.documents import Documents
     from service.store import ModuleStore
 
     modules = ModuleStore(tmp_path)
     modules.put("kb", _artifact(tiny), "prompt")
-    DocumentStore(modules, tiny).put("kb", list(CORPUS[:3]))
+    Documents(modules, tiny).add("kb", _jsonl(_rows(CORPUS[:3])))
     folder = tmp_path / "kb" / "documents"
     g = json.loads((folder / "current.json").read_text())["generation"]
     (folder / f"docs-{g + 1}.jsonl").write_text("half")       # a write that never became current
@@ -377,7 +377,7 @@ def test_leftovers_of_an_interrupted_write_are_removed_and_a_lost_index_is_rebui
     (folder / ".current.json.x.tmp").write_text("{")
     (tmp_path / "kb" / ".documents-trash-1").mkdir()
     shutil.rmtree(folder / f"index-{g}")                      # and the current index is lost
-    store = DocumentStore(ModuleStore(tmp_path), tiny)
+    store = Documents(ModuleStore(tmp_path), tiny)
     store.open_all()
     assert [d.id for d in store.list("kb")[1]] == ["paris", "quagga", "tea"]
     assert store.search("kb", "extinct zebra", 1, "bm25")[0][0].id == "quagga"
@@ -389,31 +389,58 @@ def test_leftovers_of_an_interrupted_write_are_removed_and_a_lost_index_is_rebui
 
 def test_a_write_by_another_process_on_the_same_store_is_seen(tiny, tmp_path):
     """Replicas share the store: each read checks current.json's stamp and reloads when it changed."""
-    from service.documents import DocumentStore
+    from service.documents import Documents
     from service.store import ModuleStore
 
     ModuleStore(tmp_path).put("kb", _artifact(tiny), "prompt")
-    a, b = DocumentStore(ModuleStore(tmp_path), tiny), DocumentStore(ModuleStore(tmp_path), tiny)
-    a.put("kb", list(CORPUS[:2]))
+    a, b = Documents(ModuleStore(tmp_path), tiny), Documents(ModuleStore(tmp_path), tiny)
+    a.add("kb", _jsonl(_rows(CORPUS[:2])))
     assert [d.id for d in b.list("kb")[1]] == ["paris", "quagga"]
     b.clear("kb")
-    a.put("kb", [CORPUS[2]])  # generation 1 again, after a clear: told apart by the stamp
+    a.add("kb", _jsonl(_rows([CORPUS[2]])))  # generation 1 again, after a clear: told apart by the stamp
     assert [d.id for d in b.list("kb")[1]] == ["tea"] and b.get("kb", "tea") == CORPUS[2]
     assert b.search("kb", "hot water leaves", 1, "bm25")[0][0].id == "tea"
 
 
 def test_an_unreadable_pointer_makes_documents_unavailable_until_cleared(tiny, tmp_path):
-    from service.documents import DocumentStore
+    from service.documents import Documents
     from service.errors import Unavailable
     from service.store import ModuleStore
 
     ModuleStore(tmp_path).put("kb", _artifact(tiny), "prompt")
-    DocumentStore(ModuleStore(tmp_path), tiny).put("kb", list(CORPUS[:2]))
+    Documents(ModuleStore(tmp_path), tiny).add("kb", _jsonl(_rows(CORPUS[:2])))
     (tmp_path / "kb" / "documents" / "current.json").write_text("{broken")
-    store = DocumentStore(ModuleStore(tmp_path), tiny)
+    store = Documents(ModuleStore(tmp_path), tiny)
     store.open_all()
     assert len(list((tmp_path / "kb" / "documents").iterdir())) == 3  # nothing removed
     with pytest.raises(Unavailable, match="unreadable"):
         store.list("kb")
     store.clear("kb")
     assert store.list("kb") == (0, [])
+
+
+def test_a_read_never_rebuilds_or_writes_an_index(tiny, tmp_path):
+    """Another process's generation whose index cannot be read: a reader answers 503 and writes
+    nothing (no rebuild on a request's path); the next start rebuilds it."""
+    import shutil
+
+    from service.documents import Documents
+    from service.errors import Unavailable
+    from service.store import ModuleStore
+
+    ModuleStore(tmp_path).put("kb", _artifact(tiny), "prompt")
+    reader = Documents(ModuleStore(tmp_path), tiny)
+    reader.open_all()
+    assert reader.list("kb") == (0, [])
+    Documents(ModuleStore(tmp_path), tiny).add("kb", _jsonl(_rows(CORPUS[:3])))  # another process writes
+    folder = tmp_path / "kb" / "documents"
+    g = json.loads((folder / "current.json").read_text())["generation"]
+    shutil.rmtree(folder / f"index-{g}")
+    before = _snapshot(tmp_path)
+    for read in (lambda: reader.view("kb"), lambda: reader.search("kb", "zebra", 3, "bm25")):
+        with pytest.raises(Unavailable, match="unreadable"):
+            read()
+    assert _snapshot(tmp_path) == before
+    again = Documents(ModuleStore(tmp_path), tiny)
+    again.open_all()
+    assert again.search("kb", "extinct zebra", 1, "bm25")[0][0].id == "quagga"

@@ -369,7 +369,7 @@ class Retriever:
 
     def save(self, folder: str | Path) -> None:
         """Write the retriever into `folder` (created if needed), every file fsynced. Writing into a
-        fresh folder and renaming it into place makes the whole save atomic (service/documents.py does)."""
+        fresh folder and renaming it into place makes the whole save atomic (service/documents/store.py does)."""
         import faiss
 
         folder = Path(folder)
@@ -382,13 +382,16 @@ class Retriever:
         _write(folder / MANIFEST_FILE, lambda p: p.write_text(json.dumps(self.manifest())))  # last
 
     @classmethod
-    def load(cls, folder: str | Path, backbone=None, docs: Sequence[Document] | None = None,
-             **kwargs) -> "Retriever":
+    def load(cls, folder: str | Path, backbone=None, docs: Sequence[Document] | None = None, *,
+             rebuild: bool = True, **kwargs) -> "Retriever":
         """Read a saved retriever. With `docs` (the documents it should describe, in order), whatever
         does not match them is rebuilt: everything when the ids or contents differ, the dense index when
         it was built on another backbone (its fingerprint differs) or is missing. Without `docs` such an
-        index raises ValueError. kwargs: batch_size, max_tokens, lock, progress (max_tokens defaults to
-        the saved one). A projection saved with the index is used only on the same backbone."""
+        index raises ValueError. `rebuild=False`: nothing is built; documents that differ raise
+        ValueError and a dense index that is missing or made on another backbone is left out (`index`
+        None), so loading never runs the backbone. kwargs: batch_size, max_tokens, lock, progress
+        (max_tokens defaults to the saved one). A projection saved with the index is used only on the
+        same backbone."""
         import faiss
 
         folder = Path(folder)
@@ -405,6 +408,8 @@ class Retriever:
         r = cls(backbone, projection, **kwargs)
 
         if docs is not None and ([d.id for d in docs] != meta["ids"] or [d.digest for d in docs] != meta["digests"]):
+            if not rebuild:
+                raise ValueError(f"index in {folder} does not describe these documents")
             log.warning("index in %s does not describe these documents: rebuilding it", folder)
             r.build(docs)
             r.rebuilt = True
@@ -421,6 +426,8 @@ class Retriever:
             if index.ntotal == len(r.ids) and index.d == r.dim:
                 r.index = index
                 return r
+        if not rebuild:
+            return r
         if docs is None:
             raise ValueError(f"{folder}: the dense index was built on backbone {meta.get('backbone_fingerprint')}, "
                              f"not on this one ({backbone.info.fingerprint}); pass the documents to rebuild it")

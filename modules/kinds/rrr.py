@@ -25,7 +25,7 @@ text is the question: keep the manifest's `template` at `{input}` (the question 
 its token ids).
 
 `documents` is anything with `search(query, k, method) -> [(Document, score), ...]` and `len()`:
-the server attaches the task's documents (service/documents.py), training code a `Corpus`.
+the server attaches the task's documents (service/documents/), training code a `Corpus`.
 
 Example::
 

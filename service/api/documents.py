@@ -4,22 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import AdminDep, InferDep, ReaderDep, RuntimeDep
-from service.documents import DocumentStore, parse_jsonl
-from service.errors import ServiceError, TooLarge
+from service.errors import TooLarge, UnsupportedMediaType
 
 router = APIRouter(prefix="/tasks/{name}/documents", tags=["documents"])
 
 MEDIA_TYPES = ("application/x-ndjson", "application/jsonl")
 READ = [ReaderDep, InferDep]  # reading a task's documents needs the scope that runs the task
-
-
-class UnsupportedMediaType(ServiceError):
-    status, code = 415, "unsupported_media_type"
 
 
 class DocumentOut(BaseModel):
@@ -55,14 +50,6 @@ class SearchResult(BaseModel):
     results: list[SearchHit] = Field(description="Best first.")
 
 
-def get_documents(rt: RuntimeDep) -> DocumentStore:
-    rt._require_ready()
-    return rt.documents
-
-
-DocumentsDep = Annotated[DocumentStore, Depends(get_documents)]
-
-
 async def _read_body(request: Request, limit: int) -> bytes:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media not in MEDIA_TYPES:
@@ -88,24 +75,23 @@ _JSONL_BODY = {"requestBody": {"required": True, "content": {
              summary="Add or replace documents: JSON lines {id, text, title?}; all or nothing",
              responses={415: {"description": "Not a JSON-lines content type"}})
 async def post_documents(name: str, request: Request, rt: RuntimeDep) -> DocumentsAdded:
-    store = get_documents(rt)
+    documents = rt.documents
     body = await _read_body(request, rt.settings.max_upload_bytes)
-    docs = await run_in_threadpool(parse_jsonl, body)
-    result = await run_in_threadpool(store.put, name, docs)
+    result = await run_in_threadpool(documents.add, name, body)
     return DocumentsAdded(task=name, added=result.added, replaced=result.replaced, count=result.count)
 
 
 @router.get("", response_model=DocumentList, dependencies=READ, summary="Count and a page of documents")
-def list_documents(name: str, store: DocumentsDep, offset: Annotated[int, Query(ge=0)] = 0,
+def list_documents(name: str, rt: RuntimeDep, offset: Annotated[int, Query(ge=0)] = 0,
                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> DocumentList:
-    count, docs = store.list(name, offset, limit)
+    count, docs = rt.documents.list(name, offset, limit)
     return DocumentList(task=name, count=count, offset=offset, limit=limit,
                         documents=[DocumentOut(id=d.id, text=d.text, title=d.title) for d in docs])
 
 
 @router.delete("", status_code=204, dependencies=[AdminDep], summary="Delete every document of the task")
-def delete_documents(name: str, store: DocumentsDep) -> Response:
-    store.clear(name)
+def delete_documents(name: str, rt: RuntimeDep) -> Response:
+    rt.documents.clear(name)
     return Response(status_code=204)
 
 
@@ -121,7 +107,7 @@ async def search_documents(name: str, rt: RuntimeDep,
 
 
 @router.get("/{doc_id:path}", response_model=DocumentOut, dependencies=READ, summary="One document")
-def get_document(name: str, doc_id: str, store: DocumentsDep) -> DocumentOut:
-    d = store.get(name, doc_id)
+def get_document(name: str, doc_id: str, rt: RuntimeDep) -> DocumentOut:
+    d = rt.documents.get(name, doc_id)
     return DocumentOut(id=d.id, text=d.text, title=d.title)
 

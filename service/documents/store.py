@@ -28,12 +28,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import Field, ValidationError, field_validator
-
 from modules.core.retrieval import Document, Retriever
-from service.errors import Invalid, NotFound, Unavailable
-from service.schemas import _Strict
-from service.store import ModuleStore, _fsync_dir, _write_atomic
+from service.documents.body import read_jsonl, to_jsonl
+from service.errors import NotFound, Unavailable
+from service.store import ModuleStore, fsync_dir, read_json, write_atomic
 
 log = logging.getLogger("frozenlm.documents")
 
@@ -42,63 +40,6 @@ CURRENT = "current.json"
 TRASH_PREFIX = ".documents-trash-"
 _DOCS_FILE = re.compile(r"^docs-(\d+)\.jsonl$")
 _INDEX_DIR = re.compile(r"^index-(\d+)$")
-
-
-RESERVED_IDS = frozenset({"search"})  # GET .../documents/search is the search, not a document
-
-
-class DocumentIn(_Strict):
-    """One line of an upload."""
-
-    id: str = Field(min_length=1, max_length=256, description="Unique within the task; re-posting an id replaces it.")
-    text: str = Field(min_length=1, description="The passage text (not empty).")
-    title: str | None = Field(None, max_length=1024, description="Optional title, searched with the text.")
-
-    @field_validator("id")
-    @classmethod
-    def _id(cls, v: str) -> str:
-        if any(ord(c) < 32 or ord(c) == 127 for c in v):
-            raise ValueError("id must not hold control characters")
-        if v in RESERVED_IDS:
-            raise ValueError(f"id {v!r} is reserved")
-        return v
-
-    @field_validator("text")
-    @classmethod
-    def _text(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("text is empty")
-        return v
-
-
-def parse_jsonl(body: bytes) -> list[Document]:
-    """Every line a document; the first bad line (numbered from 1) refuses the whole body. Blank lines
-    are skipped."""
-    docs: list[Document] = []
-    seen: dict[str, int] = {}
-    for n, raw in enumerate(body.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise Invalid(f"line {n}: not UTF-8", code="invalid_document") from None
-        except ValueError as e:
-            raise Invalid(f"line {n}: not JSON ({e})", code="invalid_document") from None
-        if not isinstance(row, dict):
-            raise Invalid(f"line {n}: expected an object {{\"id\", \"text\", \"title\"?}}", code="invalid_document")
-        try:
-            doc = DocumentIn.model_validate(row)
-        except ValidationError as e:
-            why = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'line'}: {err['msg']}" for err in e.errors())
-            raise Invalid(f"line {n}: {why}"[:2000], code="invalid_document") from None
-        if doc.id in seen:
-            raise Invalid(f"line {n}: id {doc.id!r} is also on line {seen[doc.id]}", code="duplicate_id")
-        seen[doc.id] = n
-        docs.append(Document(doc.id, doc.text, doc.title))
-    if not docs:
-        raise Invalid("no documents in the body: send one JSON object a line", code="invalid_request")
-    return docs
 
 
 @dataclass(frozen=True)
@@ -138,21 +79,6 @@ class PutResult:
     replaced: int
     count: int
     generation: int
-
-
-def _docs_bytes(docs) -> bytes:
-    lines = [json.dumps({"id": d.id, "text": d.text, **({"title": d.title} if d.title is not None else {})},
-                        ensure_ascii=False) for d in docs]
-    return "".join(line + "\n" for line in lines).encode()
-
-
-def _read_docs(path: Path) -> tuple[Document, ...]:
-    docs = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            docs.append(Document(row["id"], row["text"], row.get("title")))
-    return tuple(docs)
 
 
 class DocumentStore:
@@ -201,16 +127,13 @@ class DocumentStore:
             if cur is not None or not (folder / CURRENT).exists():  # an unreadable pointer: touch nothing
                 self._clean(folder, cur)
             with self._task_lock(task_dir.name):
-                snap = self._load(task_dir.name)
+                snap = self._load(task_dir.name, repair=True)
             if snap.docs:
                 log.info("task %s: %d documents (generation %d)", task_dir.name, len(snap.docs), snap.generation)
 
     @staticmethod
     def _read_current(folder: Path) -> dict | None:
-        try:
-            return json.loads((folder / CURRENT).read_text())
-        except (OSError, ValueError):
-            return None
+        return read_json(folder / CURRENT)
 
     @staticmethod
     def _clean(folder: Path, cur: dict | None) -> None:
@@ -226,8 +149,11 @@ class DocumentStore:
             else:
                 p.unlink(missing_ok=True)
 
-    def _load(self, task: str) -> _Snapshot:
-        """Read the task's current generation from disk and make it the snapshot (task lock held)."""
+    def _load(self, task: str, repair: bool = False) -> _Snapshot:
+        """Read the task's current generation from disk and make it the snapshot (task lock held).
+        `repair` (at start-up only, never on a request's path): an index that is unreadable, stale or
+        made on another backbone is rebuilt from the documents and saved; otherwise such a snapshot
+        is unavailable until then."""
         folder = self._folder(task)
         cur = self._read_current(folder) if folder.is_dir() else None
         if cur is None and (folder / CURRENT).exists():
@@ -238,21 +164,30 @@ class DocumentStore:
         else:
             g, stamp = int(cur["generation"]), cur.get("stamp")
             try:
-                docs = _read_docs(folder / f"docs-{g}.jsonl")
+                docs = read_jsonl(folder / f"docs-{g}.jsonl")
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.error("documents of task %s are unavailable: %s", task, e)
                 snap = _Snapshot(generation=g, stamp=stamp, error=f"{type(e).__name__}: {e}")
             else:
                 try:
-                    retriever = Retriever.load(folder / f"index-{g}", self.backbone, docs,
+                    retriever = Retriever.load(folder / f"index-{g}", self.backbone, docs, rebuild=repair,
                                                batch_size=self.batch_size, lock=self.lock)
+                    if not repair and self.backbone is not None and retriever.index is None:
+                        raise ValueError("its dense index was made on another backbone")
                 except Exception as e:  # noqa: BLE001 - the index is derived: rebuild it from the documents
-                    log.warning("index of task %s unreadable (%s): rebuilding it", task, e)
-                    retriever = self._retriever().build(docs)
-                    retriever.rebuilt = True
-                if retriever.rebuilt:  # saved, so the next start does not rebuild it again
-                    g, stamp = self._commit(task, docs, retriever)
-                snap = _Snapshot(g, stamp, docs, {d.id: d for d in docs}, retriever)
+                    if not repair:
+                        log.error("index of task %s unreadable (%s): it is rebuilt at the next start", task, e)
+                        retriever = None
+                    else:
+                        log.warning("index of task %s unreadable (%s): rebuilding it", task, e)
+                        retriever = self._retriever().build(docs)
+                        retriever.rebuilt = True
+                if retriever is None:
+                    snap = _Snapshot(generation=g, stamp=stamp, error=f"the index of generation {g} is unreadable")
+                else:
+                    if retriever.rebuilt:  # saved, so the next start does not rebuild it again
+                        g, stamp = self._commit(task, docs, retriever)
+                    snap = _Snapshot(g, stamp, docs, {d.id: d for d in docs}, retriever)
         with self._guard:
             self._snapshots[task] = snap
         return snap
@@ -358,7 +293,7 @@ class DocumentStore:
             return
         trash = folder.parent / f"{TRASH_PREFIX}{uuid.uuid4().hex}"
         os.replace(folder, trash)
-        _fsync_dir(folder.parent)
+        fsync_dir(folder.parent)
         shutil.rmtree(trash, ignore_errors=True)
 
     def _commit(self, task: str, docs, retriever: Retriever) -> tuple[int, str]:
@@ -366,23 +301,23 @@ class DocumentStore:
         folder = self._folder(task)
         if not folder.is_dir():
             folder.mkdir()
-            _fsync_dir(folder.parent)
+            fsync_dir(folder.parent)
         cur = self._read_current(folder)
         used = [int(m.group(1)) for p in folder.iterdir()
                 if (m := _DOCS_FILE.match(p.name) or _INDEX_DIR.match(p.name))]
         g = max(used + [int(cur["generation"]) if cur else 0]) + 1
-        _write_atomic(folder / f"docs-{g}.jsonl", _docs_bytes(docs))
+        write_atomic(folder / f"docs-{g}.jsonl", to_jsonl(docs))
         tmp = folder / f".index-{g}-{uuid.uuid4().hex}"
         try:
             retriever.save(tmp)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.replace(tmp, folder / f"index-{g}")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             (folder / f"docs-{g}.jsonl").unlink(missing_ok=True)
             raise
         stamp = uuid.uuid4().hex
-        _write_atomic(folder / CURRENT, json.dumps({"generation": g, "count": len(docs), "stamp": stamp}).encode())
-        _fsync_dir(folder)
+        write_atomic(folder / CURRENT, json.dumps({"generation": g, "count": len(docs), "stamp": stamp}).encode())
+        fsync_dir(folder)
         self._clean(folder, {"generation": g})
         return g, stamp
