@@ -162,19 +162,21 @@ class Runtime:
         return stored
 
     def _resolve(self, name: str):
-        """The module serving `name`, with its task's documents attached when its kind reads them
-        (409 while the task has none). Runs in the thread pool."""
+        """The module serving `name`, and the request's context (modules.core.stages.Context): its
+        task's documents when its kind reads them (409 while the task has none). The module is
+        shared by every request and never changed. Runs in the thread pool."""
+        from modules.core.stages import Context
         from service.errors import Conflict
 
         resolved = self.registry.resolve(name)
         module = resolved.module
-        if module.reads_documents:
-            view = self._documents.view(resolved.name)
-            if not len(view):
-                raise Conflict(f"task {name!r} ({module.kind}) answers from its documents and has none: "
-                               f"upload them with POST /tasks/{name}/documents (JSON lines)", code="no_documents")
-            module.documents = view  # the newest generation; a module's probe reads it on the engine thread
-        return resolved
+        if not module.reads_documents:
+            return resolved, Context()
+        view = self._documents.view(resolved.name)
+        if not len(view):
+            raise Conflict(f"task {name!r} ({module.kind}) answers from its documents and has none: "
+                           f"upload them with POST /tasks/{name}/documents (JSON lines)", code="no_documents")
+        return resolved, Context(documents=view)  # its probe searches them on the engine thread
 
     async def put_task(self, name: str, data: bytes) -> Uploaded:
         self._require_ready()
@@ -289,9 +291,11 @@ class Runtime:
         """Run a task on inputs (texts, or chat message lists) and wait for every answer."""
         self._require_ready()
         t0 = time.monotonic()
-        resolved = await run_in_threadpool(self._resolve, name)
+        resolved, context = await run_in_threadpool(self._resolve, name)
         with metrics.track(resolved.name, resolved.module.kind):
             jobs = await run_in_threadpool(self._jobs, resolved.name, resolved.module, inputs, params)
+            for j in jobs:
+                j.context = context
             results = await self._run(jobs, disconnected)
         return self._response(resolved, jobs, results, t0)
 
@@ -316,11 +320,13 @@ class Runtime:
         or ("error", {"code", "message"}). Errors before the first event raise as usual."""
         self._require_ready()
         t0 = time.monotonic()
-        resolved = await run_in_threadpool(self._resolve, name)
+        resolved, context = await run_in_threadpool(self._resolve, name)
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
         jobs = await run_in_threadpool(self._jobs, resolved.name, resolved.module, [one_input], params,
                                        lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
+        for j in jobs:
+            j.context = context
         task = asyncio.ensure_future(self._run(jobs))
 
         async def events() -> AsyncIterator[tuple[str, object]]:

@@ -26,6 +26,7 @@ class Job:
     cost: int                    # tokens this job puts through the backbone (its share of a batch's budget)
     task: str = ""               # the task's name (metrics)
     labels: dict | None = None   # scoring: {name: continuation ids} (a request's choices); None = the module's labels
+    context: object | None = None  # modules.core.stages.Context: what the request brings (its task's documents)
     on_text: object | None = None
     work: object | None = None   # callable run with the backbone lock held, in place of a row
     future: Future = field(default_factory=Future)
