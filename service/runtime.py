@@ -68,11 +68,12 @@ class Runtime:
             store = ModuleStore(s.store_dir)
             self.registry = Registry(store, self.backbone, s.cache_bytes, max_artifact_bytes=8 * s.max_upload_bytes,
                                      host_cache_bytes=s.host_cache_bytes, pinned=frozenset(s.pinned))
-            self._documents = Documents(store, self.backbone, self.backbone_lock)
+            self._documents = Documents(store, self.backbone, self.backbone_lock, scheduler=self.scheduler,
+                                        needs_dense=self._needs_dense, step_tokens=s.prefill_tokens)
             if s.examples and not store.names():
                 self._install_examples(s.examples_dir)
             self.registry.check_all()
-            self._documents.open_all()
+            self._documents.start()
             hooks = {"on_batch": metrics.observe_batch, "on_cancel": metrics.CANCELLED.inc, "lock": self.backbone_lock}
             if s.engine == "static":
                 self.engine = Engine(self.backbone, self.scheduler, **hooks)
@@ -100,6 +101,8 @@ class Runtime:
                 log.warning("example task %s not installed: %s", path.stem, e.message)
 
     def stop(self) -> None:
+        if self._documents is not None:
+            self._documents.stop()  # after its current step; an unfinished job resumes at the next start
         if self.engine is not None:
             self.engine.stop()
 
@@ -159,24 +162,55 @@ class Runtime:
         stored = self.registry.put(name, data)
         if documents is not None:
             self._documents.replace(name, documents)
+        else:
+            self._documents.module_changed(name)
         return stored
 
+    def _needs_dense(self, task: str) -> bool:
+        """Whether the task's module searches its documents by dense vectors (read from its
+        manifest: nothing is loaded)."""
+        from modules.registry import kind_class
+
+        stored = self.registry.store.get(task)
+        manifest = self.registry.manifest(stored) if stored is not None else None
+        try:
+            return kind_class(manifest["kind"]).retrieval_of(manifest["config"]) in ("dense", "hybrid")
+        except Exception:  # noqa: BLE001 - no manifest, an unknown kind: it reads no documents
+            return False
+
     def _resolve(self, name: str):
-        """The module serving `name`, and the request's context (modules.core.stages.Context): its
-        task's documents when its kind reads them (409 while the task has none). The module is
-        shared by every request and never changed. Runs in the thread pool."""
+        """The module serving `name` (runs in the thread pool)."""
+        return self.registry.resolve(name)
+
+    async def _context(self, resolved):
+        """What a request brings to its module besides its ids (modules.core.stages.Context): its
+        task's documents when its kind reads them (409 while the task has none). Given with each
+        row, never set on the module, which every request shares."""
         from modules.core.stages import Context
         from service.errors import Conflict
 
-        resolved = self.registry.resolve(name)
         module = resolved.module
         if not module.reads_documents:
-            return resolved, Context()
-        view = self._documents.view(resolved.name)
+            return Context()
+        view = await self._documents_view(resolved.name, module.retrieval_of(module.manifest.config))
         if not len(view):
-            raise Conflict(f"task {name!r} ({module.kind}) answers from its documents and has none: "
-                           f"upload them with POST /tasks/{name}/documents (JSON lines)", code="no_documents")
-        return resolved, Context(documents=view)  # its probe searches them on the engine thread
+            raise Conflict(f"task {resolved.name!r} ({module.kind}) answers from its documents and has none: upload "
+                           f"them with POST /tasks/{resolved.name}/documents (JSON lines)", code="no_documents")
+        return Context(documents=view)  # its probe searches them on the engine thread
+
+    async def _documents_view(self, name: str, method: str):
+        """The task's documents for a search by `method` (service.documents.Documents.view), waiting,
+        up to the request deadline, while the first index with dense vectors builds (then 503)."""
+        from service.documents import Indexing
+
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        while True:
+            try:
+                return await run_in_threadpool(self._documents.view, name, method)
+            except Indexing:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.25)
 
     async def put_task(self, name: str, data: bytes) -> Uploaded:
         self._require_ready()
@@ -291,7 +325,8 @@ class Runtime:
         """Run a task on inputs (texts, or chat message lists) and wait for every answer."""
         self._require_ready()
         t0 = time.monotonic()
-        resolved, context = await run_in_threadpool(self._resolve, name)
+        resolved = await run_in_threadpool(self._resolve, name)
+        context = await self._context(resolved)
         with metrics.track(resolved.name, resolved.module.kind):
             jobs = await run_in_threadpool(self._jobs, resolved.name, resolved.module, inputs, params)
             for j in jobs:
@@ -299,19 +334,20 @@ class Runtime:
             results = await self._run(jobs, disconnected)
         return self._response(resolved, jobs, results, t0)
 
-    def _search_job(self, name: str, query: str, k: int, method: str) -> Job:
-        view = self._documents.view(name)
+    def _search_job(self, view, query: str, k: int, method: str) -> Job:
         tokens = min(len(self.backbone.tokenizer(query)["input_ids"]), self._documents.max_tokens)
         return Job(None, [], None, tokens, work=lambda: view.search(query, k, method))
 
     async def search(self, name: str, query: str, k: int, method: str) -> list:
         """The task's best k documents for the query, [(Document, score)]. A dense or hybrid search
         embeds the query with the backbone: that pass is a job in the queue like any other (counted
-        in its depth, 429 when it is full)."""
+        in its depth, 429 when it is full). One that needs dense vectors the task lacks starts
+        their indexing and waits for it (up to the request deadline)."""
         self._require_ready()
+        view = await self._documents_view(name, method)
         if method == "bm25":  # no backbone pass
-            return await run_in_threadpool(self._documents.search, name, query, k, method)
-        job = await run_in_threadpool(self._search_job, name, query, k, method)
+            return await run_in_threadpool(view.search, query, k, method)
+        job = await run_in_threadpool(self._search_job, view, query, k, method)
         [hits] = await self._run([job])
         return hits
 
@@ -320,7 +356,8 @@ class Runtime:
         or ("error", {"code", "message"}). Errors before the first event raise as usual."""
         self._require_ready()
         t0 = time.monotonic()
-        resolved, context = await run_in_threadpool(self._resolve, name)
+        resolved = await run_in_threadpool(self._resolve, name)
+        context = await self._context(resolved)
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
         jobs = await run_in_threadpool(self._jobs, resolved.name, resolved.module, [one_input], params,

@@ -217,6 +217,12 @@ class TaskModule(nn.Module):
             raise TypeError(f"a {self.kind} row needs a probe first: use modules.core.stages.prepare")
         return Contribution()
 
+    @classmethod
+    def retrieval_of(cls, config: dict) -> str | None:
+        """How a module of this kind with this config searches its task's documents (`bm25`,
+        `dense` or `hybrid`); None for a kind that reads none (see `reads_documents`)."""
+        return None
+
     def probe(self, ids: list[int], context=None) -> "Probe | None":
         """A backbone pass this module needs over the input before its row runs, or None (the
         usual case). `context`: what the request brings besides its ids (modules.core.stages.Context,

@@ -218,17 +218,18 @@ class Retriever:
     # --- building ------------------------------------------------------------------------------
 
     def build(self, docs: Sequence[Document], reuse: "Retriever | None" = None,
-              vectors: np.ndarray | None = None) -> "Retriever":
+              vectors: np.ndarray | None = None, dense: bool = True) -> "Retriever":
         """Index `docs` (ids must be unique). `reuse`: a previous retriever on the same backbone and
         projection, whose vectors are kept for documents that did not change (only the rest is embedded).
         `vectors` (N, d): the documents' dense vectors as this retriever computes them (`vectors()`),
-        saved earlier: nothing is embedded (an example task ships them)."""
+        saved earlier: nothing is embedded (an example task ships them). `dense=False`: BM25 only
+        (no backbone pass); `with_vectors` adds the dense index later."""
         ids = [d.id for d in docs]
         if len(set(ids)) != len(ids):
             raise ValueError("document ids must be unique")
         self.ids, self.digests = ids, [d.digest for d in docs]
         self._set_bm25([words(f"{d.title} {d.text}" if d.title else d.text) for d in docs])
-        if self.backbone is not None:
+        if self.backbone is not None and (dense or vectors is not None):
             if vectors is not None:
                 self._set_vectors(vectors)
             else:
@@ -249,6 +250,22 @@ class Retriever:
         if len(vecs):
             self.index.add(vecs)
 
+    def with_vectors(self, vectors: np.ndarray) -> "Retriever":
+        """A retriever on the same documents and BM25 index, with `vectors` (N, d) (as `embed` makes
+        them, in document order) as its dense index. This one is not changed."""
+        r = Retriever(self.backbone, self.projection, batch_size=self.batch_size, max_tokens=self.max_tokens,
+                      lock=self.lock, progress=self.progress)
+        r.ids, r.digests, r.corpus, r.bm25, r.postings = self.ids, self.digests, self.corpus, self.bm25, self.postings
+        r._set_vectors(vectors)
+        return r
+
+    def by_digest(self) -> dict[str, np.ndarray]:
+        """The dense vector of each document, keyed by its digest (title and text: what was embedded);
+        {} without a dense index."""
+        if self.index is None:
+            return {}
+        return {h: self.index.reconstruct(i) for i, h in enumerate(self.digests)}
+
     def vectors(self) -> np.ndarray | None:
         """The dense index's vectors, in document order (N, d); None without a backbone."""
         if self.index is None:
@@ -268,8 +285,9 @@ class Retriever:
                 postings.setdefault(w, []).append(i)
         self.postings = postings
 
-    def _vectors(self, texts: Sequence[str], lock_held: bool = False) -> np.ndarray:
-        """Embed, project, L2-normalise. -> (N, d) float32"""
+    def embed(self, texts: Sequence[str], lock_held: bool = False) -> np.ndarray:
+        """Embed, project, L2-normalise: the dense vectors of texts, as documents and queries get
+        them. -> (N, d) float32. `lock_held`: the caller holds `lock` (the engine thread)."""
         import faiss
 
         vecs = embed_texts(self.backbone, texts, self.batch_size, self.max_tokens,
@@ -281,7 +299,8 @@ class Retriever:
         faiss.normalize_L2(vecs)  # in place; a zero row stays zero
         return vecs
 
-    def _reusable(self, other: "Retriever | None") -> bool:
+    def reusable(self, other: "Retriever | None") -> bool:
+        """Whether `other`'s vectors are this retriever's (same backbone, projection and token cut)."""
         return (other is not None and other.index is not None and other.backbone is not None
                 and other.backbone.info.fingerprint == self.backbone.info.fingerprint
                 and _projection_digest(other.projection) == _projection_digest(self.projection)
@@ -292,7 +311,7 @@ class Retriever:
 
         vecs = np.zeros((len(docs), self.dim), dtype=np.float32)  # (N, d)
         todo = list(range(len(docs)))
-        if self._reusable(reuse):
+        if self.reusable(reuse):
             old = {(i, h): j for j, (i, h) in enumerate(zip(reuse.ids, reuse.digests))}
             todo = []
             for n, d in enumerate(docs):
@@ -302,7 +321,7 @@ class Retriever:
                 else:
                     vecs[n] = reuse.index.reconstruct(j)
         if todo:
-            vecs[todo] = self._vectors([docs[n].passage for n in todo])
+            vecs[todo] = self.embed([docs[n].passage for n in todo])
         self.index = faiss.IndexFlatIP(self.dim)
         if len(docs):
             self.index.add(vecs)
@@ -322,7 +341,7 @@ class Retriever:
         if k < 1:
             raise ValueError("k must be at least 1")
         if method != "bm25" and self.index is None:
-            raise ValueError(f"method {method!r} needs a dense index: this retriever has no backbone")
+            raise ValueError(f"method {method!r} needs a dense index: this retriever has none")
         if not self.ids:
             return []
         if method == "bm25":
@@ -345,7 +364,7 @@ class Retriever:
         return sorted(zip(candidates, scores), key=lambda kv: (-kv[1], kv[0]))[:k]
 
     def _dense(self, query: str, k: int, lock_held: bool = False) -> list[tuple[int, float]]:
-        q = self._vectors([query], lock_held)  # (1, d)
+        q = self.embed([query], lock_held)  # (1, d)
         scores, idx = self.index.search(q, min(k, len(self.ids)))  # (1, k) each
         return [(int(i), float(s)) for i, s in zip(idx[0], scores[0]) if i >= 0]
 

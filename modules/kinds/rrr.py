@@ -207,10 +207,9 @@ class RRRModule(TaskModule):
     def question(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    @property
-    def retrieval(self) -> str:
-        """How this module searches its documents: bm25, dense or hybrid."""
-        return self.config.retrieval
+    @classmethod
+    def retrieval_of(cls, config: dict) -> str:
+        return cls.Config(**config).retrieval
 
     def retrieve(self, question: str, documents: Documents | None) -> list[Candidate]:
         """The retriever's best candidates for the question ([] without documents or hits)."""

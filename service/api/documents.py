@@ -1,4 +1,5 @@
-"""A task's documents (the passages retrieval searches): upload as JSON lines, list, get, delete, search."""
+"""A task's documents (the passages retrieval searches): upload as JSON lines (stored at once,
+indexed in the background: a job), follow the job, list, get, delete, search."""
 
 from __future__ import annotations
 
@@ -23,11 +24,37 @@ class DocumentOut(BaseModel):
     title: str | None = None
 
 
+class JobOut(BaseModel):
+    id: str
+    task: str
+    status: Literal["queued", "running", "done", "failed", "superseded"] = Field(
+        description="`superseded`: newer documents arrived first; their job (`superseded_by`) indexes these too.")
+    generation: int = Field(description="The generation of the task's documents it indexes.")
+    dense: bool = Field(description="Whether it computes dense vectors (else the BM25 index, built with the "
+                                    "documents, was all: done at once).")
+    count: int = Field(description="Documents of that generation.")
+    added: int = Field(description="New ids (the upload that made the generation).")
+    replaced: int = Field(description="Ids that existed and were replaced.")
+    done: int = Field(description="Documents embedded so far (resumed ones included).")
+    total: int = Field(description="Documents this job embeds (those without a known vector); known once it runs.")
+    resumed: int = Field(description="Of `done`, vectors an interrupted job had saved (after a restart).")
+    error: str | None = None
+    superseded_by: str | None = None
+    created_at: float = Field(description="Unix time.")
+    finished_at: float | None = None
+
+
 class DocumentsAdded(BaseModel):
     task: str
     added: int = Field(description="New ids.")
     replaced: int = Field(description="Ids that existed and were replaced.")
     count: int = Field(description="Documents of the task now.")
+    job: JobOut = Field(description="The job indexing them: GET /tasks/{name}/documents/jobs/{id}.")
+
+
+class JobList(BaseModel):
+    task: str
+    jobs: list[JobOut] = Field(description="Newest first (the last 20 finished ones are kept).")
 
 
 class DocumentList(BaseModel):
@@ -71,14 +98,27 @@ _JSONL_BODY = {"requestBody": {"required": True, "content": {
     for t in MEDIA_TYPES}}}
 
 
-@router.post("", response_model=DocumentsAdded, dependencies=[AdminDep], openapi_extra=_JSONL_BODY,
-             summary="Add or replace documents: JSON lines {id, text, title?}; all or nothing",
+@router.post("", status_code=202, response_model=DocumentsAdded, dependencies=[AdminDep], openapi_extra=_JSONL_BODY,
+             summary="Add or replace documents: JSON lines {id, text, title?}; all or nothing; stored and "
+                     "searchable by BM25 at once, indexed in the background (a job)",
              responses={415: {"description": "Not a JSON-lines content type"}})
-async def post_documents(name: str, request: Request, rt: RuntimeDep) -> DocumentsAdded:
+async def post_documents(name: str, request: Request, response: Response, rt: RuntimeDep) -> DocumentsAdded:
     documents = rt.documents
     body = await _read_body(request, rt.settings.max_upload_bytes)
-    result = await run_in_threadpool(documents.add, name, body)
-    return DocumentsAdded(task=name, added=result.added, replaced=result.replaced, count=result.count)
+    job = await run_in_threadpool(documents.add, name, body)
+    response.headers["Location"] = f"/tasks/{name}/documents/jobs/{job.id}"
+    return DocumentsAdded(task=name, added=job.added, replaced=job.replaced, count=job.count, job=JobOut(**job.out()))
+
+
+@router.get("/jobs", response_model=JobList, dependencies=READ, summary="The task's indexing jobs, newest first")
+def list_jobs(name: str, rt: RuntimeDep) -> JobList:
+    return JobList(task=name, jobs=[JobOut(**j.out()) for j in rt.documents.jobs(name)])
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, dependencies=READ,
+            summary="One indexing job: status and progress")
+def get_job(name: str, job_id: str, rt: RuntimeDep) -> JobOut:
+    return JobOut(**rt.documents.job(name, job_id).out())
 
 
 @router.get("", response_model=DocumentList, dependencies=READ, summary="Count and a page of documents")

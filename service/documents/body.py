@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from modules.core.retrieval import DOCUMENTS_FILE, VECTORS_FILE, Document, read_vectors
 from service.errors import Invalid
 
-RESERVED_IDS = frozenset({"search"})  # GET .../documents/search is the search, not a document
+RESERVED_IDS = frozenset({"search", "jobs"})  # GET .../documents/search and .../documents/jobs are not documents
 
 
 class DocumentIn(BaseModel):
@@ -35,8 +35,8 @@ class DocumentIn(BaseModel):
     def _id(cls, v: str) -> str:
         if any(ord(c) < 32 or ord(c) == 127 for c in v):
             raise ValueError("id must not hold control characters")
-        if v in RESERVED_IDS:
-            raise ValueError(f"id {v!r} is reserved")
+        if v in RESERVED_IDS or v.startswith("jobs/"):
+            raise ValueError(f"id {v!r} is reserved (search, jobs and jobs/...)")
         return v
 
     @field_validator("text")
