@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -101,7 +102,9 @@ class Passes:
     def __init__(self, scheduler=None, lock: threading.Lock | None = None):
         self.scheduler, self.lock = scheduler, lock
 
-    def run(self, work, cost: int, task: str = ""):
+    def run(self, work, cost: int, task: str = "", stopping=lambda: False):
+        """`work()`'s result. `stopping()` turning true while the pass still waits in the queue
+        takes it out and raises Stopping."""
         if self.scheduler is None:
             import torch
 
@@ -120,7 +123,12 @@ class Passes:
                 continue
             except Unavailable as e:  # closed: shutting down
                 raise Stopping(str(e)) from None
-            return job.future.result()
+            while True:
+                try:
+                    return job.future.result(timeout=1.0)
+                except FutureTimeout:
+                    if stopping() and job.future.cancel():
+                        raise Stopping("stopped while queued") from None
 
 
 class Indexer:
@@ -302,7 +310,8 @@ class Indexer:
             passages = [d.passage for d in step]
             cost = sum(lengths[d.digest] for d in step)
             try:
-                vecs = self.passes.run(lambda p=passages: retriever.embed(p, lock_held=True), cost, job.task)
+                vecs = self.passes.run(lambda p=passages: retriever.embed(p, lock_held=True), cost, job.task,
+                                       stopping=lambda: self._stopping)
             except Exception:
                 self._save_partial(job.task, retriever, {**saved, **fresh})
                 raise
@@ -368,6 +377,8 @@ class Indexer:
         out = []
         for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
             d = read_json(p)
+            if d is None:  # removed meanwhile (only the newest are kept), or unreadable
+                continue
             try:
                 out.append(IndexJob(**d))
             except TypeError:
