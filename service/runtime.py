@@ -35,9 +35,10 @@ class Runtime:
         self.registry = None
         self.engine = None
         self._documents = None  # service.documents.Documents, once loaded (see `documents`)
-        # Backbone passes outside the engine thread (document embedding) hold this lock per batch, and
-        # so does the engine: Backbone.forward keeps the running pass's per-row deltas on the shared
-        # backbone, so two passes must never overlap.
+        # The engine holds this lock for each batch (and for the passes queued as jobs of their own:
+        # document searches and indexing steps), and so does any backbone pass outside it:
+        # Backbone.forward keeps the running pass's per-row deltas on the shared backbone, so two
+        # passes must never overlap.
         self.backbone_lock = threading.Lock()
         self.error: str | None = None
         self._ready = threading.Event()
