@@ -104,6 +104,8 @@ def test_bm25_answers_at_once_and_the_last_complete_index_while_a_new_one_builds
 class _Scheduler:
     """Runs each submitted job at once, recording it; answers 429 to the first submit."""
 
+    depth = 0  # nothing else waits
+
     def __init__(self):
         self.jobs, self.refused = [], 0
 
@@ -141,6 +143,28 @@ def test_indexing_steps_are_bounded_queued_and_equal_to_embedding_at_once(tiny, 
         assert [d.id for d, _ in docs.search("kb", "zebra3 river1", 5, method)] == \
             [i for i, _ in reference.search("zebra3 river1", 5, method)]
     docs.stop()
+
+
+def test_an_indexing_step_is_queued_only_when_no_request_waits():
+    """Passes waits while the scheduler's queue holds requests, so a request that arrives during a
+    step is not also queued behind the next one (and waits `yield_s` at most, so indexing goes on
+    under constant load)."""
+    from service.documents.jobs import Passes
+
+    class Queue(_Scheduler):
+        looks = 0
+
+        @property
+        def depth(self):
+            Queue.looks += 1
+            return 0 if Queue.looks > 5 else 3  # requests wait during the first five looks
+
+    q = Queue()
+    q.refused = 1  # no 429 here
+    assert Passes(q, yield_s=600).run(lambda: "ran", 7, "kb") == "ran"
+    assert Queue.looks == 6 and [j.cost for j in q.jobs] == [7]
+    Queue.looks = -10**9  # requests always wait: queued anyway once yield_s has passed
+    assert Passes(q, yield_s=0).run(lambda: "ran again", 1, "kb") == "ran again"
 
 
 def test_a_task_that_needs_no_dense_vectors_never_computes_them(tiny, tmp_path, monkeypatch):

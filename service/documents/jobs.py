@@ -97,10 +97,12 @@ class Stopping(Exception):
 class Passes:
     """Runs one backbone pass for a job: queued in the scheduler (FIFO with every request's rows,
     run on the engine thread with the backbone lock held), or, without a scheduler, here under
-    `lock`. Blocks until it ran; retries while the queue is full."""
+    `lock`. Blocks until it ran; retries while the queue is full. A pass is queued when no request
+    waits in the queue (or after `yield_s` seconds of waiting), so a request that arrives during
+    indexing waits for the step that runs, not for the next one too."""
 
-    def __init__(self, scheduler=None, lock: threading.Lock | None = None):
-        self.scheduler, self.lock = scheduler, lock
+    def __init__(self, scheduler=None, lock: threading.Lock | None = None, yield_s: float = 1.0):
+        self.scheduler, self.lock, self.yield_s = scheduler, lock, yield_s
 
     def run(self, work, cost: int, task: str = "", stopping=lambda: False):
         """`work()`'s result. `stopping()` turning true while the pass still waits in the queue
@@ -112,6 +114,9 @@ class Passes:
                 return work()
         from service.scheduler import Job
 
+        waited = time.monotonic() + self.yield_s
+        while self.scheduler.depth and time.monotonic() < waited and not stopping():
+            time.sleep(0.005)
         wait = 0.1
         while True:
             job = Job(None, [], None, max(1, cost), task=task, work=work)
