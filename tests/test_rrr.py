@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import httpx
 import pytest
@@ -338,10 +339,15 @@ def test_an_artifact_with_documents_installs_them(served):
     out = c.post("/tasks/kb-qa/infer", json={"inputs": "extinct zebra", "parameters": {"max_new_tokens": 3}}).json()
     assert out["outputs"][0]["passages"][0]["id"] in {d.id for d in CORPUS[:5]}
 
-    # a new version with other documents replaces them all
+    # a new version with other documents replaces them all (their vectors are computed by a job)
     r = c.put("/tasks/kb-qa", content=m.to_artifact(files=documents_files(CORPUS[5:])))
     assert r.status_code == 201 and r.json()["version"] == 2
     assert [d["id"] for d in c.get("/tasks/kb-qa/documents").json()["documents"]] == [d.id for d in CORPUS[5:]]
+    [job] = [j for j in c.get("/tasks/kb-qa/documents/jobs").json()["jobs"] if j["generation"] == 2]
+    while (job := c.get(f"/tasks/kb-qa/documents/jobs/{job['id']}").json())["status"] != "done":
+        assert job["status"] in ("queued", "running"), job
+        time.sleep(0.05)
+    assert job["dense"] and job["done"] == job["total"] == len(CORPUS[5:])
 
 
 @pytest.mark.parametrize("files,needle", [
