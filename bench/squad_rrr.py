@@ -51,7 +51,7 @@ from modules.core.batch import Contribution, Row, build_pass
 from modules.core.decode import GenItem, Sampling, ScoreItem, score
 from modules.core.retrieval import Document, Retriever, documents_files
 from modules.core.running import generate
-from modules.core.stages import prepare
+from modules.core.stages import Context, prepare
 from modules.kinds.rrr import Candidate, Corpus, RRRModule, pack
 from modules.registry import kind_class
 
@@ -263,7 +263,7 @@ def run_setup(backbone, module, questions, batch: int, max_new_tokens: int, corp
     start = time.perf_counter()
     for i in tqdm(range(0, len(questions), batch), desc=f"eval {module.kind}", leave=False):
         chunk = questions[i:i + batch]
-        rows = prepare(backbone, [(module, module.encode(q["q"])) for q in chunk])
+        rows = prepare(backbone, [(module, module.encode(q["q"]), Context(corpus)) for q in chunk])
         gens = generate(backbone, [GenItem(r.ids, r.contribution, Sampling(max_new_tokens=max_new_tokens, stop=["\n"]))
                                    for r in rows])
         for q, r, g in zip(chunk, rows, gens):
@@ -365,7 +365,6 @@ def main() -> None:
                                "(BM25 top 8, a reranker head on the frozen backbone's joint encoding, a "
                                "prompt-tuned reader)"}
     module = RRRModule.new(backbone, config, **manifest)
-    module.documents = corpus
 
     # reranker: features once (every depth and pooling in one pass), then the head; depth, pooling
     # and the retrieval-rank prior are picked on a validation slice of the training questions
@@ -390,7 +389,6 @@ def main() -> None:
     depth, pool, prior = choice
     config.update(reranker_depth=depth, pool=pool)
     module = RRRModule.new(backbone, config, **manifest)
-    module.documents = corpus
     head_losses = train_head(module, feats[(depth, pool)], ranks, gold, args.head_steps, args.head_lr,
                              args.head_weight_decay, prior)
     timings["rerank_head_s"] = round(time.monotonic() - t - timings["rerank_features_s"], 1)
@@ -407,7 +405,6 @@ def main() -> None:
     plain = RRRModule.from_tensors(module.manifest.model_copy(update={"config": {**module.config.model_dump(),
                                                                                    "rerank": False}}),
                                    module.tensors(), backbone)
-    plain.documents = corpus
     results = {}
     for name, m in (("closed-book base", closed), ("retrieve-read", plain), ("retrieve-rerank-read", module)):
         records, seconds = run_setup(backbone, m, eval_q, args.eval_batch, args.max_new_tokens, corpus)

@@ -1,4 +1,4 @@
-"""The `frozenlm` command line: serve, tasks, upload, delete, infer, train, blackbox.
+"""The `frozenlm` command line: serve, tasks, upload, delete, infer, train, blackbox, documents.
 
 `serve`, `train` and `blackbox` import the server and the trainer lazily, so the client commands stay light
 (and `clients/` never imports torch at module level).
@@ -221,6 +221,93 @@ def _backbone(args):
                          device=args.device, dtype=args.dtype)
 
 
+# --- documents -------------------------------------------------------------------------------------
+
+
+def cmd_documents_add(args) -> int:
+    """Post a .jsonl file's documents, then follow the indexing job with a progress bar."""
+    from tqdm.auto import tqdm
+
+    with _client(args) as c:
+        job = c.add_documents(args.name, args.file)
+        print(f"stored {job.count} documents of {args.name} ({job.added} added, {job.replaced} replaced); "
+              f"job {job.id}", file=sys.stderr)
+        if args.no_wait:
+            _print(job.raw)
+            return 0
+        with tqdm(total=job.total or None, unit="doc", desc="indexing", disable=args.quiet) as bar:
+            def follow(j):
+                bar.total = j.total or bar.total
+                bar.n = j.done
+                bar.set_postfix_str(j.status)
+                bar.refresh()
+
+            job = c.wait_documents(args.name, job.id, poll=args.poll, on_progress=follow)
+    what = "dense vectors computed" if job.dense else "BM25 index ready (no dense vectors needed)"
+    print(f"indexed: {job.count} documents, {what} (job {job.id})")
+    return 0
+
+
+def cmd_documents_job(args) -> int:
+    with _client(args) as c:
+        _print(c.documents_job(args.name, args.job).raw)
+    return 0
+
+
+def cmd_documents_list(args) -> int:
+    with _client(args) as c:
+        page = c.list_documents(args.name, args.offset, args.limit)
+    print(f"{page['count']} documents", file=sys.stderr)
+    for d in page["documents"]:
+        print(json.dumps(d, ensure_ascii=False))
+    return 0
+
+
+def cmd_documents_search(args) -> int:
+    with _client(args) as c:
+        for hit in c.search_documents(args.name, args.query, args.k, args.method):
+            print(f"{hit['score']:.4f}\t{hit['id']}\t{hit.get('title') or ''}")
+    return 0
+
+
+def cmd_documents_delete(args) -> int:
+    with _client(args) as c:
+        c.delete_documents(args.name)
+    print(f"deleted every document of {args.name}")
+    return 0
+
+
+def _documents_parser(sub) -> None:
+    d = sub.add_parser("documents", help="a task's documents: add (and follow the indexing), list, search, delete")
+    dsub = d.add_subparsers(dest="documents_command", required=True)
+    s = dsub.add_parser("add", help="add or replace documents from a JSON-lines file {id, text, title?} and "
+                                    "follow the indexing job with a progress bar")
+    s.add_argument("name")
+    s.add_argument("file", help="JSON lines, one {\"id\", \"text\", \"title\"?} a line")
+    s.add_argument("--no-wait", action="store_true", help="print the job and return without following it")
+    s.add_argument("--poll", type=float, default=0.5, help="seconds between two looks at the job")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_documents_add)
+    s = dsub.add_parser("job", help="one indexing job: status and progress")
+    s.add_argument("name")
+    s.add_argument("job")
+    s.set_defaults(func=cmd_documents_job)
+    s = dsub.add_parser("list", help="the task's documents, one JSON object a line")
+    s.add_argument("name")
+    s.add_argument("--offset", type=int, default=0)
+    s.add_argument("--limit", type=int, default=100)
+    s.set_defaults(func=cmd_documents_list)
+    s = dsub.add_parser("search", help="search the task's documents")
+    s.add_argument("name")
+    s.add_argument("query")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--method", choices=["bm25", "dense", "hybrid"], default="hybrid")
+    s.set_defaults(func=cmd_documents_search)
+    s = dsub.add_parser("delete", help="delete every document of the task")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_documents_delete)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="frozenlm", description="One frozen LM, many task modules.")
     p.add_argument("--url", default=os.environ.get("FROZENLM_URL", "http://127.0.0.1:8000"),
@@ -328,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     _module_arguments(s)
     s.set_defaults(func=cmd_blackbox)
+    _documents_parser(sub)
     return p
 
 

@@ -17,6 +17,7 @@ talk to an app in-process.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +166,59 @@ def _with_progress(data: bytes, chunk: int = 1 << 16):
             bar.update(min(chunk, len(data) - i))
 
 
+# --- documents ---------------------------------------------------------------------------------
+
+JSONL_TYPE = "application/x-ndjson"
+
+
+@dataclass(frozen=True)
+class DocumentsJob:
+    """An indexing job (POST /tasks/{name}/documents answers with one): `status` queued, running,
+    done, failed or superseded (then `superseded_by` indexes these documents too); `done` of
+    `total` documents embedded."""
+
+    id: str
+    task: str
+    status: str
+    done: int
+    total: int
+    count: int
+    added: int
+    replaced: int
+    dense: bool
+    error: str | None = None
+    superseded_by: str | None = None
+    raw: dict = field(repr=False, default_factory=dict)
+
+    @classmethod
+    def of(cls, d: dict) -> "DocumentsJob":
+        return cls(d["id"], d["task"], d["status"], d["done"], d["total"], d["count"], d["added"], d["replaced"],
+                   d["dense"], d.get("error"), d.get("superseded_by"), d)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("done", "failed", "superseded")
+
+
+def _documents_body(documents) -> bytes:
+    """JSON lines from bytes (sent as they are), a .jsonl file's path, or dicts / objects with
+    id, text and title."""
+    if isinstance(documents, bytes):
+        return documents
+    if isinstance(documents, (str, Path)):
+        return Path(documents).read_bytes()
+    rows = []
+    for d in documents:
+        row = d if isinstance(d, dict) else {"id": d.id, "text": d.text, "title": getattr(d, "title", None)}
+        rows.append(json.dumps({k: v for k, v in row.items() if v is not None}, ensure_ascii=False))
+    return "".join(r + "\n" for r in rows).encode()
+
+
+def _job_failed(job: DocumentsJob) -> None:
+    if job.status == "failed":
+        raise FrozenLMError(0, "documents_index_failed", f"indexing job {job.id} failed: {job.error}")
+
+
 RETRY_STATUSES = (429, 503)
 
 
@@ -250,6 +304,53 @@ class Client(_Base):
                           headers=_task_header(name))
         return InferResult.of(r.json())
 
+    # --- documents -----------------------------------------------------------------------------
+
+    def add_documents(self, name: str, documents, wait: bool = False, on_progress=None) -> DocumentsJob:
+        """Add or replace a task's documents (JSON-lines bytes, a .jsonl path, or dicts {id, text,
+        title?}): stored at once, indexed by a job. `wait`: follow the job until it ends."""
+        r = self._request("POST", f"/tasks/{name}/documents", content=_documents_body(documents),
+                          headers={"Content-Type": JSONL_TYPE})
+        job = DocumentsJob.of(r.json()["job"])
+        return self.wait_documents(name, job.id, on_progress=on_progress) if wait else job
+
+    def documents_job(self, name: str, job_id: str) -> DocumentsJob:
+        return DocumentsJob.of(self._request("GET", f"/tasks/{name}/documents/jobs/{job_id}").json())
+
+    def wait_documents(self, name: str, job_id: str, poll: float = 0.5, timeout: float | None = None,
+                       on_progress=None) -> DocumentsJob:
+        """Poll the job until it ends (following `superseded_by`); `on_progress(job)` after each poll.
+        Raises FrozenLMError if it failed, TimeoutError past `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.documents_job(name, job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job.finished and job.superseded_by:
+                job_id = job.superseded_by
+                continue
+            if job.finished:
+                _job_failed(job)
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"indexing job {job_id} did not finish within {timeout}s")
+            time.sleep(poll)
+
+    def list_documents(self, name: str, offset: int = 0, limit: int = 100) -> dict:
+        """{task, count, offset, limit, documents: [{id, text, title}]}"""
+        return self._request("GET", f"/tasks/{name}/documents", params={"offset": offset, "limit": limit}).json()
+
+    def get_document(self, name: str, doc_id: str) -> dict:
+        return self._request("GET", f"/tasks/{name}/documents/{doc_id}").json()
+
+    def search_documents(self, name: str, query: str, k: int = 10, method: str = "hybrid") -> list[dict]:
+        """[{id, score, title}] best first."""
+        r = self._request("GET", f"/tasks/{name}/documents/search", params={"q": query, "k": k, "method": method})
+        return r.json()["results"]
+
+    def delete_documents(self, name: str) -> None:
+        self._request("DELETE", f"/tasks/{name}/documents")
+
 
 class AsyncClient(_Base):
     """Asynchronous client with the same methods as `Client`, awaited."""
@@ -312,3 +413,46 @@ class AsyncClient(_Base):
         r = await self._request("POST", f"/tasks/{name}/infer", json=_infer_body(inputs, parameters),
                                 headers=_task_header(name))
         return InferResult.of(r.json())
+
+    # --- documents -----------------------------------------------------------------------------
+
+    async def add_documents(self, name: str, documents, wait: bool = False, on_progress=None) -> DocumentsJob:
+        r = await self._request("POST", f"/tasks/{name}/documents", content=_documents_body(documents),
+                                headers={"Content-Type": JSONL_TYPE})
+        job = DocumentsJob.of(r.json()["job"])
+        return await self.wait_documents(name, job.id, on_progress=on_progress) if wait else job
+
+    async def documents_job(self, name: str, job_id: str) -> DocumentsJob:
+        return DocumentsJob.of((await self._request("GET", f"/tasks/{name}/documents/jobs/{job_id}")).json())
+
+    async def wait_documents(self, name: str, job_id: str, poll: float = 0.5, timeout: float | None = None,
+                             on_progress=None) -> DocumentsJob:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = await self.documents_job(name, job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job.finished and job.superseded_by:
+                job_id = job.superseded_by
+                continue
+            if job.finished:
+                _job_failed(job)
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"indexing job {job_id} did not finish within {timeout}s")
+            await asyncio.sleep(poll)
+
+    async def list_documents(self, name: str, offset: int = 0, limit: int = 100) -> dict:
+        return (await self._request("GET", f"/tasks/{name}/documents",
+                                    params={"offset": offset, "limit": limit})).json()
+
+    async def get_document(self, name: str, doc_id: str) -> dict:
+        return (await self._request("GET", f"/tasks/{name}/documents/{doc_id}")).json()
+
+    async def search_documents(self, name: str, query: str, k: int = 10, method: str = "hybrid") -> list[dict]:
+        r = await self._request("GET", f"/tasks/{name}/documents/search",
+                                params={"q": query, "k": k, "method": method})
+        return r.json()["results"]
+
+    async def delete_documents(self, name: str) -> None:
+        await self._request("DELETE", f"/tasks/{name}/documents")

@@ -94,7 +94,7 @@ class ContinuousEngine(Engine):
         if not runnable:
             return
         with self.lock, torch.inference_mode():
-            rows = prepare(self.backbone, [(j.module, j.ids) for j in runnable], isolate=True)
+            rows = prepare(self.backbone, [(j.module, j.ids, j.context) for j in runnable], isolate=True)
             ready = []
             for j, r in zip(runnable, rows):
                 j.info = r.info

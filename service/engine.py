@@ -119,7 +119,7 @@ class Engine:
 
     def _compute(self, jobs: list[Job]) -> list:
         results: list = [None] * len(jobs)
-        rows = prepare(self.backbone, [(j.module, j.ids) for j in jobs], isolate=True)  # probes of every row together
+        rows = prepare(self.backbone, [(j.module, j.ids, j.context) for j in jobs], isolate=True)  # probes of every row together
         for i, (j, r) in enumerate(zip(jobs, rows)):
             j.info = r.info
             if r.error is not None:

@@ -52,6 +52,10 @@ class TooLarge(ServiceError):
     status, code = 413, "too_large"
 
 
+class UnsupportedMediaType(ServiceError):
+    status, code = 415, "unsupported_media_type"
+
+
 class Invalid(ServiceError):
     status, code = 422, "invalid"
 

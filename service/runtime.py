@@ -57,10 +57,11 @@ class Runtime:
         self.backbone = backbone  # injected (tests) or loaded in load()
         self.registry = None
         self.engine = None
-        self.documents = None  # service.documents.DocumentStore, once loaded
-        # Backbone passes outside the engine thread (document embedding) hold this lock per batch, and
-        # so does the engine: Backbone.forward keeps the running pass's per-row deltas on the shared
-        # backbone, so two passes must never overlap.
+        self._documents = None  # service.documents.Documents, once loaded (see `documents`)
+        # The engine holds this lock for each batch (and for the passes queued as jobs of their own:
+        # document searches and indexing steps), and so does any backbone pass outside it:
+        # Backbone.forward keeps the running pass's per-row deltas on the shared backbone, so two
+        # passes must never overlap.
         self.backbone_lock = threading.Lock()
         self.error: str | None = None
         self._ready = threading.Event()
@@ -73,7 +74,7 @@ class Runtime:
 
         from modules.core.backbone import Backbone
         from service.continuous import ContinuousEngine
-        from service.documents import DocumentStore
+        from service.documents import Documents
         from service.engine import Engine
         from service.registry import Registry
         from service.store import ModuleStore
@@ -91,11 +92,12 @@ class Runtime:
             store = ModuleStore(s.store_dir)
             self.registry = Registry(store, self.backbone, s.cache_bytes, max_artifact_bytes=8 * s.max_upload_bytes,
                                      host_cache_bytes=s.host_cache_bytes, pinned=frozenset(s.pinned))
-            self.documents = DocumentStore(store, self.backbone, self.backbone_lock)
+            self._documents = Documents(store, self.backbone, self.backbone_lock, scheduler=self.scheduler,
+                                        needs_dense=self._needs_dense, step_tokens=s.prefill_tokens)
             if s.examples and not store.names():
                 self._install_examples(s.examples_dir)
             self.registry.check_all()
-            self.documents.open_all()
+            self._documents.start()
             hooks = {"on_batch": metrics.observe_batch, "on_cancel": metrics.CANCELLED.inc, "lock": self.backbone_lock}
             if s.engine == "static":
                 self.engine = Engine(self.backbone, self.scheduler, **hooks)
@@ -123,6 +125,8 @@ class Runtime:
                 log.warning("example task %s not installed: %s", path.stem, e.message)
 
     def stop(self) -> None:
+        if self._documents is not None:
+            self._documents.stop()  # after its current step; an unfinished job resumes at the next start
         if self.engine is not None:
             self.engine.stop()
 
@@ -134,6 +138,12 @@ class Runtime:
         if not self.ready:
             raise Unavailable(self.error or "backbone is still loading", code="not_ready",
                               headers={"Retry-After": "5"})
+
+    @property
+    def documents(self):
+        """The documents feature (service.documents.Documents) the routes call; 503 until ready."""
+        self._require_ready()
+        return self._documents
 
     # --- tasks -------------------------------------------------------------------------------
 
@@ -158,36 +168,16 @@ class Runtime:
         return self._task_out(stored, True)
 
     def _artifact_documents(self, data: bytes):
-        """The documents an artifact carries ((docs, vectors or None)), or None; checked before
+        """The documents an artifact carries (service.documents.Carried), or None; checked before
         anything is stored, so a bad documents file refuses the whole upload."""
-        import numpy as np
-
         from modules.core.artifact import ArtifactError
-        from modules.core.retrieval import DOCUMENTS_FILE, VECTORS_FILE, read_vectors
-        from service.documents import parse_jsonl
         from service.errors import from_artifact_error
 
         try:
             files = self.registry.unpack(data)
         except ArtifactError as e:
             raise from_artifact_error(e) from e
-        if DOCUMENTS_FILE not in files:
-            return None
-        try:
-            docs = parse_jsonl(files[DOCUMENTS_FILE])
-        except Invalid as e:
-            raise Invalid(f"{DOCUMENTS_FILE}: {e.message}", code="invalid_artifact") from None
-        vectors = None
-        if VECTORS_FILE in files:
-            try:
-                vectors = read_vectors(files[VECTORS_FILE])
-            except ValueError as e:
-                raise Invalid(str(e), code="invalid_artifact") from None
-            want = (len(docs), self.backbone.hidden_size)
-            if vectors.shape != want or not np.isfinite(vectors).all():
-                raise Invalid(f"{VECTORS_FILE}: vectors must be finite, of shape {want}; got {vectors.shape}",
-                              code="invalid_artifact")
-        return docs, vectors
+        return self._documents.from_artifact(files)
 
     def _put(self, name: str, data: bytes):
         """Store a module; an artifact carrying documents makes them the task's documents."""
@@ -195,23 +185,56 @@ class Runtime:
         documents = self._artifact_documents(data)
         stored = self.registry.put(name, data)
         if documents is not None:
-            self.documents.replace(name, *documents)
+            self._documents.replace(name, documents)
+        else:
+            self._documents.module_changed(name)
         return stored
 
+    def _needs_dense(self, task: str) -> bool:
+        """Whether the task's module searches its documents by dense vectors (read from its
+        manifest: nothing is loaded)."""
+        from modules.registry import kind_class
+
+        stored = self.registry.store.get(task)
+        manifest = self.registry.manifest(stored) if stored is not None else None
+        try:
+            return kind_class(manifest["kind"]).retrieval_of(manifest["config"]) in ("dense", "hybrid")
+        except Exception:  # noqa: BLE001 - no manifest, an unknown kind: it reads no documents
+            return False
+
     def _resolve(self, name: str):
-        """The module serving `name`, with its task's documents attached when its kind reads them
-        (409 while the task has none). Runs in the thread pool."""
+        """The module serving `name` (runs in the thread pool)."""
+        return self.registry.resolve(name)
+
+    async def _context(self, resolved):
+        """What a request brings to its module besides its ids (modules.core.stages.Context): its
+        task's documents when its kind reads them (409 while the task has none). Given with each
+        row, never set on the module, which every request shares."""
+        from modules.core.stages import Context
         from service.errors import Conflict
 
-        resolved = self.registry.resolve(name)
         module = resolved.module
-        if module.reads_documents:
-            view = self.documents.view(resolved.name)
-            if not len(view):
-                raise Conflict(f"task {name!r} ({module.kind}) answers from its documents and has none: "
-                               f"upload them with POST /tasks/{name}/documents (JSON lines)", code="no_documents")
-            module.documents = view  # the newest generation; a module's probe reads it on the engine thread
-        return resolved
+        if not module.reads_documents:
+            return Context()
+        view = await self._documents_view(resolved.name, module.retrieval_of(module.manifest.config))
+        if not len(view):
+            raise Conflict(f"task {resolved.name!r} ({module.kind}) answers from its documents and has none: upload "
+                           f"them with POST /tasks/{resolved.name}/documents (JSON lines)", code="no_documents")
+        return Context(documents=view)  # its probe searches them on the engine thread
+
+    async def _documents_view(self, name: str, method: str):
+        """The task's documents for a search by `method` (service.documents.Documents.view), waiting,
+        up to the request deadline, while the first index with dense vectors builds (then 503)."""
+        from service.documents import Indexing
+
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        while True:
+            try:
+                return await run_in_threadpool(self._documents.view, name, method)
+            except Indexing:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.25)
 
     async def put_task(self, name: str, data: bytes) -> Uploaded:
         self._require_ready()
@@ -222,7 +245,7 @@ class Runtime:
     async def delete_task(self, name: str) -> None:
         self._require_ready()
         # under the task's documents lock: no document write runs into the folder being removed
-        await run_in_threadpool(self.documents.delete_task, name, self.registry.delete)
+        await run_in_threadpool(self._documents.delete_task, name, self.registry.delete)
 
     # --- inference ---------------------------------------------------------------------------
 
@@ -338,24 +361,28 @@ class Runtime:
         self._require_ready()
         t0 = time.monotonic()
         resolved = await run_in_threadpool(self._resolve, name)
+        context = await self._context(resolved)
         with metrics.track(resolved.name, resolved.module.kind):
             jobs = await run_in_threadpool(self._jobs, resolved.name, resolved.module, inputs, params)
+            for j in jobs:
+                j.context = context
             results = await self._run(jobs, disconnected)
         return self._response(resolved, jobs, results, t0)
 
-    def _search_job(self, name: str, query: str, k: int, method: str) -> Job:
-        view = self.documents.view(name)
-        tokens = min(len(self.backbone.tokenizer(query)["input_ids"]), self.documents.max_tokens)
+    def _search_job(self, view, query: str, k: int, method: str) -> Job:
+        tokens = min(len(self.backbone.tokenizer(query)["input_ids"]), self._documents.max_tokens)
         return Job(None, [], None, tokens, work=lambda: view.search(query, k, method))
 
     async def search(self, name: str, query: str, k: int, method: str) -> list:
         """The task's best k documents for the query, [(Document, score)]. A dense or hybrid search
         embeds the query with the backbone: that pass is a job in the queue like any other (counted
-        in its depth, 429 when it is full)."""
+        in its depth, 429 when it is full). One that needs dense vectors the task lacks starts
+        their indexing and waits for it (up to the request deadline)."""
         self._require_ready()
+        view = await self._documents_view(name, method)
         if method == "bm25":  # no backbone pass
-            return await run_in_threadpool(self.documents.search, name, query, k, method)
-        job = await run_in_threadpool(self._search_job, name, query, k, method)
+            return await run_in_threadpool(view.search, query, k, method)
+        job = await run_in_threadpool(self._search_job, view, query, k, method)
         [hits] = await self._run([job])
         return hits
 
@@ -366,6 +393,7 @@ class Runtime:
         self._require_ready()
         t0 = time.monotonic()
         resolved = await run_in_threadpool(self._resolve, name)
+        context = await self._context(resolved)
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[Piece] = asyncio.Queue()
         asked = params.logprobs is not None
@@ -375,6 +403,8 @@ class Runtime:
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
         jobs = await run_in_threadpool(self._jobs, resolved.name, resolved.module, [one_input], params, on_text)
+        for j in jobs:
+            j.context = context
         task = asyncio.ensure_future(self._run(jobs))
 
         async def events() -> AsyncIterator[tuple[str, object]]:

@@ -27,6 +27,7 @@ class Job:
     task: str = ""               # the task's name (metrics)
     labels: dict | None = None   # scoring: {name: continuation ids} (a request's choices); None = the module's labels
     n: int = 1                   # generation: samples of this prompt (one prefill; each a row of its own)
+    context: object | None = None  # modules.core.stages.Context: what the request brings (its task's documents)
     on_text: object | None = None  # streaming: called (piece, token logprobs, sample index)
     work: object | None = None   # callable run with the backbone lock held, in place of a row
     future: Future = field(default_factory=Future)

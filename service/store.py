@@ -50,7 +50,8 @@ def valid_name(name: str) -> bool:
     return _NAME.fullmatch(name) is not None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -58,13 +59,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it and rename it into place: a reader
+    sees the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object from a file, or None when it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 class ModuleStore:
@@ -95,10 +107,7 @@ class ModuleStore:
 
     @staticmethod
     def _read_current(folder: Path) -> dict | None:
-        try:
-            return json.loads((folder / CURRENT).read_text())
-        except (OSError, ValueError):
-            return None
+        return read_json(folder / CURRENT)
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir()
@@ -131,7 +140,7 @@ class ModuleStore:
 
     def write_manifest(self, stored: StoredModule, manifest: bytes) -> None:
         """Write the manifest of a version stored without one."""
-        _write_atomic(stored.manifest_path, manifest)
+        write_atomic(stored.manifest_path, manifest)
 
     def put(self, name: str, data: bytes, kind: str, manifest: bytes | None = None) -> StoredModule:
         """Store `data` (and its `manifest`) as the next version of `name` and make it current,
@@ -147,12 +156,12 @@ class ModuleStore:
             version = max(existing + [old.version if old else 0]) + 1
             sha = hashlib.sha256(data).hexdigest()
             stored = StoredModule(name, version, kind, sha, len(data), folder / f"v{version}.module")
-            _write_atomic(stored.path, data)
+            write_atomic(stored.path, data)
             if manifest is not None:
-                _write_atomic(stored.manifest_path, manifest)
+                write_atomic(stored.manifest_path, manifest)
             meta = {"version": version, "kind": kind, "sha256": sha, "size_bytes": len(data)}
-            _write_atomic(folder / CURRENT, json.dumps(meta).encode())
-            _fsync_dir(folder)
+            write_atomic(folder / CURRENT, json.dumps(meta).encode())
+            fsync_dir(folder)
             if old is not None:  # in-flight requests hold the loaded module, not the files
                 old.path.unlink(missing_ok=True)
                 old.manifest_path.unlink(missing_ok=True)
@@ -167,6 +176,6 @@ class ModuleStore:
                 return False
             trash = self.root / f".trash-{name}-{uuid.uuid4().hex}"
             os.replace(folder, trash)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             shutil.rmtree(trash, ignore_errors=True)
             return True

@@ -20,6 +20,7 @@ from safetensors.torch import save
 from modules.core.artifact import ArtifactError, pack, read_artifact
 from modules.core.module import MAX_LABEL_TOKENS, MAX_LABELS, BackboneRef, Manifest, loads, weight_shapes
 from modules.core.retrieval import Retriever
+from modules.core.stages import Context
 from modules.core.targets import pattern_values
 from modules.kinds.rrr import Corpus
 from modules.peft import load_peft
@@ -219,8 +220,8 @@ def test_label_caps(tiny):
 # --- probe_tokens: an upper bound of what a row's probes put through the backbone -----------------
 
 
-def _probe_tokens(module, ids) -> int:
-    probe = module.probe(ids)
+def _probe_tokens(module, ids, context=None) -> int:
+    probe = module.probe(ids, context or Context())
     if probe is None:
         return 0
     per_row = probe.sampling.max_new_tokens if probe.sampling is not None else 0
@@ -238,12 +239,11 @@ def _probe_tokens(module, ids) -> int:
 ])
 def test_probe_tokens_bound_the_probe_rows(tiny, kind, config):
     module = kind_class(kind).new(tiny, config)
-    if kind == "rrr":
-        module.documents = Corpus(Retriever(tiny, progress=False).build(CORPUS), CORPUS)
+    context = Context(Corpus(Retriever(tiny, progress=False).build(CORPUS), CORPUS) if kind == "rrr" else None)
     for text in ["Which zebra is extinct?", "sea otters and the capital of France on the Seine " * 3]:
         ids = module.encode(text)
-        assert _probe_tokens(module, ids) <= module.probe_tokens(len(ids))
+        assert _probe_tokens(module, ids, context) <= module.probe_tokens(len(ids))
     if kind == "idpt":
         assert module.probe_tokens(len(ids)) == _probe_tokens(module, ids)  # exact: one encoder row
     if kind == "rrr" and module.config.rerank:
-        assert _probe_tokens(module, ids) > 0
+        assert _probe_tokens(module, ids, context) > 0

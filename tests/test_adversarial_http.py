@@ -44,7 +44,10 @@ def srv(tiny_served, tmp_path_factory):
                        for i in range(4))
         r = httpx.post(f"{s.url}/tasks/kb/documents", content=docs, timeout=60,
                        headers={**ADMIN, "content-type": "application/x-ndjson"})
-        assert r.status_code == 200, r.text
+        assert r.status_code == 202, r.text
+        # the first dense search computes the dense vectors (a write): done here, so the reads below write nothing
+        assert httpx.get(f"{s.url}/tasks/kb/documents/search?q=zebras&method=dense", headers=ADMIN,
+                         timeout=120).status_code == 200
         yield s
 
 

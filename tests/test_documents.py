@@ -70,8 +70,14 @@ def served(tiny_served, tmp_path_factory):
 def test_upload_list_get_replace_delete(served):
     c, store = served
     r = c.post("/tasks/kb/documents", content=_jsonl(_rows(CORPUS)), headers=JSONL)
-    assert r.status_code == 200, r.text
-    assert r.json() == {"task": "kb", "added": len(CORPUS), "replaced": 0, "count": len(CORPUS)}
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert {k: body[k] for k in ("task", "added", "replaced", "count")} == {
+        "task": "kb", "added": len(CORPUS), "replaced": 0, "count": len(CORPUS)}
+    job = body["job"]  # a prompt task needs no dense vectors: BM25 was all, done at once
+    assert (job["status"], job["dense"], job["count"], job["generation"]) == ("done", False, len(CORPUS), 1)
+    assert r.headers["location"] == f"/tasks/kb/documents/jobs/{job['id']}"
+    assert c.get(r.headers["location"]).json() == job
 
     page = c.get("/tasks/kb/documents", params={"offset": 2, "limit": 3}).json()
     assert page["count"] == len(CORPUS) and (page["offset"], page["limit"]) == (2, 3)
@@ -81,7 +87,7 @@ def test_upload_list_get_replace_delete(served):
     # the same id again replaces it in place; a new id (with a slash) is appended
     more = [{"id": "tea", "text": "Tea, replaced.", "title": "Tea 2"}, {"id": "wiki/Rome", "text": "Rome is in Italy."}]
     r = c.post("/tasks/kb/documents", content=_jsonl(more), headers={"content-type": "application/jsonl; charset=utf-8"})
-    assert r.json() == {"task": "kb", "added": 1, "replaced": 1, "count": len(CORPUS) + 1}
+    assert {k: r.json()[k] for k in ("added", "replaced", "count")} == {"added": 1, "replaced": 1, "count": len(CORPUS) + 1}
     ids = [d["id"] for d in c.get("/tasks/kb/documents", params={"limit": 1000}).json()["documents"]]
     assert ids == [d.id for d in CORPUS] + ["wiki/Rome"]
     assert c.get("/tasks/kb/documents/tea").json()["text"] == "Tea, replaced."
@@ -90,9 +96,14 @@ def test_upload_list_get_replace_delete(served):
     hits = c.get("/tasks/kb/documents/search", params={"q": "extinct zebra subspecies", "k": 3, "method": "bm25"}).json()
     assert hits["method"] == "bm25" and hits["results"][0]["id"] == "quagga" and hits["results"][0]["title"] == "Quagga"
     assert hits["results"][0]["score"] > 0
-    for method in ("dense", "hybrid"):
+    for method in ("dense", "hybrid"):  # the first starts their indexing and waits for it
         res = c.get("/tasks/kb/documents/search", params={"q": "zebra", "k": 4, "method": method}).json()["results"]
         assert len(res) == 4 and [h["score"] for h in res] == sorted((h["score"] for h in res), reverse=True)
+    jobs = c.get("/tasks/kb/documents/jobs").json()["jobs"]
+    assert [(j["status"], j["dense"], j["generation"]) for j in jobs] == [("done", True, 2), ("done", False, 2),
+                                                                         ("done", False, 1)]
+    assert jobs[0]["done"] == jobs[0]["total"] == len(CORPUS) + 1  # a search asked: every document embedded
+    assert c.get("/tasks/kb/documents/jobs/nope").json()["error"]["code"] == "job_not_found"
 
     assert c.get("/tasks/kb/documents/nope").json()["error"]["code"] == "document_not_found"
     assert c.delete("/tasks/kb/documents").status_code == 204
@@ -111,12 +122,13 @@ def test_upload_list_get_replace_delete(served):
     (b'["a", "list"]\n', 422, "invalid_document", "line 1"),
     (b'{"id": "a", "text": "\xff\xfe"}\n', 422, "invalid_document", "UTF-8"),
     (b'{"id": "search", "text": "ok"}\n', 422, "invalid_document", "reserved"),
+    (b'{"id": "jobs/1", "text": "ok"}\n', 422, "invalid_document", "reserved"),
     (b"\n\n", 422, "invalid_request", "no documents"),
     (_jsonl([{"id": f"d{i}", "text": "x" * 100} for i in range(300)]), 413, "body_too_large", "limit"),
 ])
 def test_a_refused_upload_stores_nothing(served, body, status, code, where):
     c, store = served
-    assert c.post("/tasks/kb/documents", content=_jsonl([{"id": "keep", "text": "kept"}]), headers=JSONL).status_code == 200
+    assert c.post("/tasks/kb/documents", content=_jsonl([{"id": "keep", "text": "kept"}]), headers=JSONL).status_code == 202
     before = _snapshot(store)
     r = c.post("/tasks/kb/documents", content=body, headers=JSONL)
     assert r.status_code == status, r.text
@@ -151,7 +163,7 @@ def test_documents_and_search_survive_a_restart_and_go_with_their_task(tiny_serv
     queries = [("extinct zebra", "bm25"), ("capital of France", "dense"), ("icy body near the Sun", "hybrid")]
     with running_server(env) as url, httpx.Client(base_url=url, headers=ADMIN, timeout=120) as c:
         assert c.put("/tasks/kb", content=_artifact(bb)).status_code == 201
-        assert c.post("/tasks/kb/documents", content=_jsonl(_rows(CORPUS)), headers=JSONL).status_code == 200
+        assert c.post("/tasks/kb/documents", content=_jsonl(_rows(CORPUS)), headers=JSONL).status_code == 202
         listed = c.get("/tasks/kb/documents").json()
         found = [c.get("/tasks/kb/documents/search", params={"q": q, "k": 5, "method": m}).json() for q, m in queries]
     assert found[0]["results"][0]["id"] == "quagga"
@@ -207,7 +219,7 @@ def test_a_dense_search_is_a_job_in_the_queue(tmp_path, tiny, monkeypatch):
     settings = Settings(store_dir=tmp_path, examples=False, max_queue=2, _env_file=None)
     with TestClient(create_app(settings, backbone=tiny, wait_ready=True)) as c:
         assert c.put("/tasks/kb", content=_artifact(tiny)).status_code == 201
-        assert c.post("/tasks/kb/documents", content=_jsonl(_rows(CORPUS)), headers=JSONL).status_code == 200
+        assert c.post("/tasks/kb/documents", content=_jsonl(_rows(CORPUS)), headers=JSONL).status_code == 202
         dense = c.get("/tasks/kb/documents/search", params={"q": "a zebra", "k": 3, "method": "dense"})
         assert dense.status_code == 200 and len(dense.json()["results"]) == 3
     monkeypatch.setattr(Scheduler, "next_batch", lambda self, *a, **k: time.sleep(0.01) or [])  # now nothing leaves the queue
@@ -322,9 +334,13 @@ def test_a_fingerprint_mismatch_forces_a_rebuild(tiny, tmp_path):
     assert Retriever.load(tmp_path, tiny, changed, progress=False).rebuilt
 
 
+def _pointer(root) -> dict:
+    return json.loads((root / "kb" / "documents" / "current.json").read_text())
+
+
 def test_document_store_reembeds_only_changed_documents_and_rebuilds_on_another_backbone(tiny, tmp_path, monkeypatch):
     import modules.core.retrieval as retrieval
-    from service.documents import DocumentStore
+    from service.documents import Documents
     from service.store import ModuleStore
 
     embedded = []
@@ -333,87 +349,132 @@ def test_document_store_reembeds_only_changed_documents_and_rebuilds_on_another_
                         lambda bb, texts, *a, **kw: embedded.append(len(texts)) or real(bb, texts, *a, **kw))
     modules = ModuleStore(tmp_path)
     modules.put("kb", _artifact(tiny), "prompt")
-    docs = DocumentStore(modules, tiny)
-    docs.open_all()
-    docs.put("kb", list(CORPUS))
-    assert embedded == [len(CORPUS)]
-    docs.put("kb", [Document("tea", "Green tea.", "Tea"), Document("new", "Brand new.")])
-    assert embedded == [len(CORPUS), 2]  # only the replaced and the new document
+    dense = {"needs_dense": lambda task: True}
+    docs = Documents(modules, tiny, **dense)
+    docs.start()
+    job = docs.wait("kb", docs.add("kb", _jsonl(_rows(CORPUS))).id)
+    assert sum(embedded) == len(CORPUS) == job.done == job.total and job.status == "done"
+    job = docs.wait("kb", docs.add("kb", _jsonl(_rows([Document("tea", "Green tea.", "Tea"),
+                                                       Document("new", "Brand new.")]))).id)
+    assert sum(embedded) == len(CORPUS) + 2 and job.total == 2  # only the replaced and the new document
+    job = docs.add("kb", _jsonl(_rows([CORPUS[0]])))  # unchanged: its vector is known, nothing to embed
+    assert job.status == "done" and sum(embedded) == len(CORPUS) + 2
     with_one_store = docs.search("kb", "green tea", 3, "hybrid")
-    assert embedded == [len(CORPUS), 2, 1]  # the query
+    assert sum(embedded) == len(CORPUS) + 3  # the query
+    docs.stop()
 
-    reopened = DocumentStore(ModuleStore(tmp_path), tiny)
-    reopened.open_all()
-    assert embedded == [len(CORPUS), 2, 1]  # loaded, not re-embedded
+    reopened = Documents(ModuleStore(tmp_path), tiny, **dense)
+    reopened.start()
+    assert sum(embedded) == len(CORPUS) + 3  # loaded, not re-embedded
     assert reopened.search("kb", "green tea", 3, "hybrid") == with_one_store
+    assert sum(embedded) == len(CORPUS) + 4  # the query
+    reopened.stop()
 
     other = tiny_backbone(seed=3)
-    moved = DocumentStore(ModuleStore(tmp_path), other)
-    moved.open_all()  # a dense index made on another backbone is rebuilt and saved
-    assert embedded[-1] == len(CORPUS) + 1
-    cur = json.loads((tmp_path / "kb" / "documents" / "current.json").read_text())
-    meta = json.loads((tmp_path / "kb" / "documents" / f"index-{cur['generation']}" / "retriever.json").read_text())
-    assert meta["backbone_fingerprint"] == other.info.fingerprint and cur["count"] == len(CORPUS) + 1
+    moved = Documents(ModuleStore(tmp_path), other, **dense)
+    moved.start()  # a dense index made on another backbone: BM25 serves, a job computes the vectors again
+    assert moved.search("kb", "green tea", 1, "bm25")[0][0].id == "tea"
+    job = moved.wait("kb", moved.jobs("kb")[0].id)  # the newest job: the one start-up queued
+    assert job.status == "done" and job.done == len(CORPUS) + 1
+    assert sum(embedded) == len(CORPUS) + 4 + len(CORPUS) + 1
+    cur = _pointer(tmp_path)
+    meta = json.loads((tmp_path / "kb" / "documents" / cur["latest"]["index"] / "retriever.json").read_text())
+    assert meta["backbone_fingerprint"] == other.info.fingerprint and cur["latest"]["count"] == len(CORPUS) + 1
+    assert cur["dense"] == cur["latest"]
     assert sorted(p.name for p in (tmp_path / "kb" / "documents").iterdir()) == sorted(
-        ["current.json", f"docs-{cur['generation']}.jsonl", f"index-{cur['generation']}"])
-    n = len(embedded)
-    DocumentStore(ModuleStore(tmp_path), other).open_all()
-    assert len(embedded) == n  # saved: the next start does not rebuild again
+        ["current.json", cur["latest"]["docs"], cur["latest"]["index"], "jobs"])
+    moved.stop()
+    n = sum(embedded)
+    again = Documents(ModuleStore(tmp_path), other, **dense)
+    again.start()
+    assert sum(embedded) == n and not [j for j in again.jobs("kb") if not j.finished]  # saved: nothing to redo
+    again.stop()
 
 
 def test_leftovers_of_an_interrupted_write_are_removed_and_a_lost_index_is_rebuilt(tiny, tmp_path):
     import shutil
 
-    from service.documents import DocumentStore
+    from service.documents import Documents
     from service.store import ModuleStore
 
     modules = ModuleStore(tmp_path)
     modules.put("kb", _artifact(tiny), "prompt")
-    DocumentStore(modules, tiny).put("kb", list(CORPUS[:3]))
+    Documents(modules, tiny).add("kb", _jsonl(_rows(CORPUS[:3])))
     folder = tmp_path / "kb" / "documents"
-    g = json.loads((folder / "current.json").read_text())["generation"]
+    cur = _pointer(tmp_path)
+    g = cur["latest"]["generation"]
     (folder / f"docs-{g + 1}.jsonl").write_text("half")       # a write that never became current
-    (folder / f".index-{g + 1}-abc").mkdir()
+    (folder / f".index-{g + 1}-abc.tmp").mkdir()
     (folder / ".current.json.x.tmp").write_text("{")
     (tmp_path / "kb" / ".documents-trash-1").mkdir()
-    shutil.rmtree(folder / f"index-{g}")                      # and the current index is lost
-    store = DocumentStore(ModuleStore(tmp_path), tiny)
-    store.open_all()
+    shutil.rmtree(folder / cur["latest"]["index"])            # and the current index is lost
+    store = Documents(ModuleStore(tmp_path), tiny)
+    store.start()
     assert [d.id for d in store.list("kb")[1]] == ["paris", "quagga", "tea"]
     assert store.search("kb", "extinct zebra", 1, "bm25")[0][0].id == "quagga"
-    g2 = json.loads((folder / "current.json").read_text())["generation"]
-    assert g2 > g and sorted(p.name for p in folder.iterdir()) == sorted(
-        ["current.json", f"docs-{g2}.jsonl", f"index-{g2}"])
+    cur2 = _pointer(tmp_path)
+    assert cur2["latest"]["generation"] > g and sorted(p.name for p in folder.iterdir()) == sorted(
+        ["current.json", cur2["latest"]["docs"], cur2["latest"]["index"], "jobs"])
     assert not (tmp_path / "kb" / ".documents-trash-1").exists()
+    store.stop()
 
 
 def test_a_write_by_another_process_on_the_same_store_is_seen(tiny, tmp_path):
     """Replicas share the store: each read checks current.json's stamp and reloads when it changed."""
-    from service.documents import DocumentStore
+    from service.documents import Documents
     from service.store import ModuleStore
 
     ModuleStore(tmp_path).put("kb", _artifact(tiny), "prompt")
-    a, b = DocumentStore(ModuleStore(tmp_path), tiny), DocumentStore(ModuleStore(tmp_path), tiny)
-    a.put("kb", list(CORPUS[:2]))
+    a, b = Documents(ModuleStore(tmp_path), tiny), Documents(ModuleStore(tmp_path), tiny)
+    a.add("kb", _jsonl(_rows(CORPUS[:2])))
     assert [d.id for d in b.list("kb")[1]] == ["paris", "quagga"]
     b.clear("kb")
-    a.put("kb", [CORPUS[2]])  # generation 1 again, after a clear: told apart by the stamp
+    a.add("kb", _jsonl(_rows([CORPUS[2]])))  # generation 1 again, after a clear: told apart by the stamp
     assert [d.id for d in b.list("kb")[1]] == ["tea"] and b.get("kb", "tea") == CORPUS[2]
     assert b.search("kb", "hot water leaves", 1, "bm25")[0][0].id == "tea"
 
 
 def test_an_unreadable_pointer_makes_documents_unavailable_until_cleared(tiny, tmp_path):
-    from service.documents import DocumentStore
+    from service.documents import Documents
     from service.errors import Unavailable
     from service.store import ModuleStore
 
     ModuleStore(tmp_path).put("kb", _artifact(tiny), "prompt")
-    DocumentStore(ModuleStore(tmp_path), tiny).put("kb", list(CORPUS[:2]))
+    Documents(ModuleStore(tmp_path), tiny).add("kb", _jsonl(_rows(CORPUS[:2])))
     (tmp_path / "kb" / "documents" / "current.json").write_text("{broken")
-    store = DocumentStore(ModuleStore(tmp_path), tiny)
-    store.open_all()
-    assert len(list((tmp_path / "kb" / "documents").iterdir())) == 3  # nothing removed
+    store = Documents(ModuleStore(tmp_path), tiny)
+    store.start()
+    assert len(list((tmp_path / "kb" / "documents").iterdir())) == 4  # nothing removed
     with pytest.raises(Unavailable, match="unreadable"):
         store.list("kb")
     store.clear("kb")
     assert store.list("kb") == (0, [])
+    store.stop()
+
+
+def test_a_read_never_rebuilds_or_writes_an_index(tiny, tmp_path):
+    """Another process's generation whose index cannot be read: a reader answers 503 and writes
+    nothing (no rebuild on a request's path); the next start rebuilds it."""
+    import shutil
+
+    from service.documents import Documents
+    from service.errors import Unavailable
+    from service.store import ModuleStore
+
+    ModuleStore(tmp_path).put("kb", _artifact(tiny), "prompt")
+    reader = Documents(ModuleStore(tmp_path), tiny)
+    reader.start()
+    assert reader.list("kb") == (0, [])
+    Documents(ModuleStore(tmp_path), tiny).add("kb", _jsonl(_rows(CORPUS[:3])))  # another process writes
+    shutil.rmtree(tmp_path / "kb" / "documents" / _pointer(tmp_path)["latest"]["index"])
+    before = _snapshot(tmp_path)
+    for read in (lambda: reader.view("kb", "bm25"), lambda: reader.search("kb", "zebra", 3, "bm25"),
+                 lambda: reader.list("kb")):
+        with pytest.raises(Unavailable, match="unreadable"):
+            read()
+    assert _snapshot(tmp_path) == before
+    reader.stop()
+    again = Documents(ModuleStore(tmp_path), tiny)
+    again.start()
+    assert again.search("kb", "extinct zebra", 1, "bm25")[0][0].id == "quagga"
+    again.stop()

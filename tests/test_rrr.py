@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import httpx
 import pytest
@@ -14,7 +15,7 @@ from modules.core.artifact import read_artifact
 from modules.core.decode import GenItem, Sampling
 from modules.core.retrieval import DOCUMENTS_FILE, VECTORS_FILE, Document, Retriever, documents_files
 from modules.core.running import generate
-from modules.core.stages import prepare
+from modules.core.stages import Context, prepare
 from modules.kinds.rrr import Corpus, pack
 from modules.registry import kind_class, load_module
 from tests.test_batching import _modules, _randomize
@@ -29,17 +30,36 @@ def corpus(tiny):
     return Corpus(Retriever(tiny, progress=False).build(CORPUS), CORPUS)
 
 
-def _rrr(tiny, corpus, seed=50, **config):
+def _rrr(tiny, seed=50, **config):
     cfg = {"candidates": 4, "context_tokens": 160, "reader_prompt_tokens": 3, "rerank_passage_tokens": 48, **config}
-    m = _randomize(kind_class("rrr").new(tiny, cfg), seed, 0.5)
-    m.documents = corpus
-    return m
+    return _randomize(kind_class("rrr").new(tiny, cfg), seed, 0.5)
 
 
-def _rrr_modules(tiny, corpus):
-    return [_rrr(tiny, corpus), _rrr(tiny, corpus, 51, pool="last", reranker_depth=2, retrieval="hybrid"),
-            _rrr(tiny, corpus, 52, rerank=False, retrieval="dense", reader_prompt_tokens=0),
-            _rrr(tiny, corpus, 53, candidates=2, context_tokens=40, pool="mean")]
+def _rrr_modules(tiny):
+    return [_rrr(tiny), _rrr(tiny, 51, pool="last", reranker_depth=2, retrieval="hybrid"),
+            _rrr(tiny, 52, rerank=False, retrieval="dense", reader_prompt_tokens=0),
+            _rrr(tiny, 53, candidates=2, context_tokens=40, pool="mean")]
+
+
+def attributes(module) -> dict:
+    """What a module holds: each attribute's identity and, for plain values and containers, a deep
+    copy of its content; each tensor's values (to compare before and after requests)."""
+    import copy
+
+    plain = (str, int, float, bool, type(None), dict, list, tuple, set, frozenset)
+    out = {k: (id(v), copy.deepcopy(v) if isinstance(v, plain) else None)
+           for k, v in vars(module).items() if k not in ("_parameters", "_buffers", "_modules")}
+    out["tensors"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    out["submodules"] = {k: id(v) for k, v in module.named_modules()}
+    return out
+
+
+def same_attributes(a: dict, b: dict) -> bool:
+    ta, tb = a.pop("tensors"), b.pop("tensors")
+    try:
+        return a == b and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    finally:
+        a["tensors"], b["tensors"] = ta, tb
 
 
 def _same_passages(a: list[dict], b: list[dict]) -> None:
@@ -50,9 +70,10 @@ def _same_passages(a: list[dict], b: list[dict]) -> None:
                                    torch.tensor([p[name] for p in b], dtype=torch.float64), atol=1e-4, rtol=1e-4)
 
 
-def _prepare(tiny, pairs):
+def _prepare(tiny, pairs, documents=None):
+    """Rows of (module, text) pairs, each given `documents` (or (module, text, documents) triples)."""
     with torch.inference_mode():
-        return prepare(tiny, [(m, m.encode(t)) for m, t in pairs])
+        return prepare(tiny, [(p[0], p[0].encode(p[1]), Context(p[2] if len(p) > 2 else documents)) for p in pairs])
 
 
 # --- packing -------------------------------------------------------------------------------------
@@ -83,8 +104,8 @@ def test_pack_is_greedy_in_order_under_the_budget():
 
 def test_the_reader_context_respects_the_budget(tiny, corpus):
     for budget in (20, 60, 200):
-        m = _rrr(tiny, corpus, context_tokens=budget)
-        cands = m.retrieve("zebra quagga France otters bread")
+        m = _rrr(tiny, context_tokens=budget)
+        cands = m.retrieve("zebra quagga France otters bread", corpus)
         ids, used = m.read("q", cands)
         empty, _ = m.read("q", [])
         assert len(ids) - len(empty) <= budget  # everything beyond the bare template is context
@@ -97,7 +118,7 @@ def test_the_reader_context_respects_the_budget(tiny, corpus):
 
 
 def test_question_pooling_reads_the_positions_after_the_passage(tiny, corpus):
-    m = _rrr(tiny, corpus, rerank_passage_tokens=20)
+    m = _rrr(tiny, rerank_passage_tokens=20)
     q, doc = "Which zebra is extinct?", CORPUS[1]
     ids, tail = m.rerank_ids(q, doc), m.tail_length(q)
     tok = lambda t: tiny.tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -106,24 +127,23 @@ def test_question_pooling_reads_the_positions_after_the_passage(tiny, corpus):
     states = torch.randn(len(ids), tiny.hidden_size)
     torch.testing.assert_close(m.features(states, tail), states[-tail:].mean(0))
     for pool, want in (("last", states[-1]), ("mean", states.mean(0))):
-        torch.testing.assert_close(_rrr(tiny, corpus, pool=pool).features(states, tail), want)
+        torch.testing.assert_close(_rrr(tiny, pool=pool).features(states, tail), want)
 
 
 def test_a_new_module_keeps_the_retrievers_order(tiny, corpus):
     m = kind_class("rrr").new(tiny, {"candidates": 5})
-    m.documents = corpus
     for q in QUESTIONS[:4]:
-        row = _prepare(tiny, [(m, q)])[0]
+        row = _prepare(tiny, [(m, q)], corpus)[0]
         hits = [d.id for d, _ in corpus.search(q, 5, "bm25")]
         assert [p["id"] for p in row.info["passages"]] == hits
         assert row.contribution.prepend.shape == (16, tiny.hidden_size)
 
 
 def test_a_trained_head_reorders_and_packs_by_its_scores(tiny, corpus):
-    m = _rrr(tiny, corpus, candidates=6, context_tokens=90)
+    m = _rrr(tiny, candidates=6, context_tokens=90)
     moved = 0
     for q in QUESTIONS[:4]:
-        info = _prepare(tiny, [(m, q)])[0].info["passages"]
+        info = _prepare(tiny, [(m, q)], corpus)[0].info["passages"]
         scores = [p["score"] for p in info]
         assert scores == sorted(scores, reverse=True)
         assert info[0]["used"]
@@ -132,9 +152,9 @@ def test_a_trained_head_reorders_and_packs_by_its_scores(tiny, corpus):
 
 
 def test_no_documents_or_no_hits_give_an_empty_context(tiny, corpus):
-    m = _rrr(tiny, corpus)
-    bare = kind_class("rrr").new(tiny, {"reader_prompt_tokens": 2})  # nothing attached
-    rows = _prepare(tiny, [(m, "xylophone"), (bare, "Which zebra is extinct?")])
+    m = _rrr(tiny)
+    bare = kind_class("rrr").new(tiny, {"reader_prompt_tokens": 2})  # its request brings no documents
+    rows = _prepare(tiny, [(m, "xylophone", corpus), (bare, "Which zebra is extinct?", None)])
     for module, row, q in zip((m, bare), rows, ("xylophone", "Which zebra is extinct?")):
         assert row.info == {"passages": []}
         assert row.ids == module.read(q, [])[0]
@@ -144,12 +164,12 @@ def test_no_documents_or_no_hits_give_an_empty_context(tiny, corpus):
 def test_rrr_rows_prepared_and_generated_with_other_kinds_equal_each_alone(tiny, corpus):
     """Reranker probes batch with ID-PT and recursive probes, readers with every other kind's rows."""
     others = _modules(tiny)
-    mods = _rrr_modules(tiny, corpus)
+    mods = _rrr_modules(tiny)
     pairs = [(m, q) for m in mods for q in QUESTIONS] + [(m, q) for m, q in zip(others, QUESTIONS * 4)]
     random.Random(1).shuffle(pairs)
-    together = _prepare(tiny, pairs)
+    together = _prepare(tiny, pairs, corpus)
     for pair, row in zip(pairs, together):
-        alone = _prepare(tiny, [pair])[0]
+        alone = _prepare(tiny, [pair], corpus)[0]
         assert row.ids == alone.ids
         for name in ("prepend", "prefix"):
             a, b = getattr(row.contribution, name), getattr(alone.contribution, name)
@@ -169,21 +189,22 @@ def test_rrr_rows_prepared_and_generated_with_other_kinds_equal_each_alone(tiny,
 
 
 def test_identical_questions_in_one_batch_each_get_their_passages(tiny, corpus):
-    m = _rrr(tiny, corpus)
-    rows = _prepare(tiny, [(m, QUESTIONS[0]), (m, QUESTIONS[1]), (m, QUESTIONS[0])])
+    m = _rrr(tiny)
+    before = attributes(m)
+    rows = _prepare(tiny, [(m, QUESTIONS[0]), (m, QUESTIONS[1]), (m, QUESTIONS[0])], corpus)
     assert rows[0].info == rows[2].info != rows[1].info
     assert rows[0].ids == rows[2].ids
-    assert not m._pending  # every probe's candidates were handed to its finish
+    assert same_attributes(attributes(m), before)  # the candidates travelled with the rows, not on the module
 
 
 def test_pass_length_bounds_both_passes(tiny, corpus):
-    m = _rrr(tiny, corpus, context_tokens=50, rerank_passage_tokens=200)
+    m = _rrr(tiny, context_tokens=50, rerank_passage_tokens=200)
     for q in QUESTIONS:
         ids = m.encode(q)
         bound = m.pass_length(len(ids))
-        row = _prepare(tiny, [(m, q)])[0]
+        row = _prepare(tiny, [(m, q)], corpus)[0]
         assert len(row.ids) + row.contribution.num_virtual_tokens <= bound
-        for c in m.retrieve(q):
+        for c in m.retrieve(q, corpus):
             assert len(m.rerank_ids(q, c.doc)) <= bound
 
 
@@ -206,19 +227,18 @@ def test_bad_configs_are_refused(tiny):
 
 
 def test_artifact_round_trip_with_and_without_documents(tiny, corpus):
-    m = _rrr(tiny, corpus, pool="last", retrieval="hybrid")
+    m = _rrr(tiny, pool="last", retrieval="hybrid")
     plain = m.to_artifact()
     files = read_artifact(plain)
     assert sorted(files) == ["module.json", "weights.safetensors"]
     back = load_module(files, tiny)
-    assert back.kind == "rrr" and back.config == m.config and back.documents is None
+    assert back.kind == "rrr" and back.config == m.config
     assert sorted(back.tensors()) == ["rrr.head.bias", "rrr.head.weight", "rrr.norm.bias", "rrr.norm.weight",
                                       "rrr.prior_weight", "rrr.reader_prompt"]
     for k, v in m.tensors().items():
         assert torch.equal(back.tensors()[k], v)
-    back.documents = corpus
     q = QUESTIONS[0]
-    a, b = _prepare(tiny, [(m, q)])[0], _prepare(tiny, [(back, q)])[0]
+    a, b = _prepare(tiny, [(m, q)], corpus)[0], _prepare(tiny, [(back, q)], corpus)[0]
     assert a.ids == b.ids and a.info == b.info
 
     retriever = Retriever(tiny, progress=False).build(CORPUS)
@@ -261,18 +281,18 @@ def served(tiny_served, tmp_path_factory):
 def test_infer_over_http_with_uploaded_documents(served):
     c, store, bb = served
     corpus = Corpus(Retriever(bb, progress=False).build(CORPUS), CORPUS)
-    m = _rrr(bb, corpus, candidates=3, context_tokens=100)
+    m = _rrr(bb, candidates=3, context_tokens=100)
     assert c.put("/tasks/qa", content=m.to_artifact()).status_code == 201
     r = c.post("/tasks/qa/infer", json={"inputs": "Which zebra is extinct?"})
     assert r.status_code == 409, r.text
     assert r.json()["error"]["code"] == "no_documents" and "POST /tasks/qa/documents" in r.json()["error"]["message"]
 
-    assert c.post("/tasks/qa/documents", content=_jsonl(CORPUS), headers=JSONL).status_code == 200
+    assert c.post("/tasks/qa/documents", content=_jsonl(CORPUS), headers=JSONL).status_code == 202
     params = {"max_new_tokens": 5}
     r = c.post("/tasks/qa/infer", json={"inputs": QUESTIONS[:3], "parameters": params})
     assert r.status_code == 200, r.text
     body = r.json()
-    expected = _prepare(bb, [(m, q) for q in QUESTIONS[:3]])  # the same module, in process
+    expected = _prepare(bb, [(m, q) for q in QUESTIONS[:3]], corpus)  # the same module, in process
     for out, row in zip(body["outputs"], expected):
         assert out["finish_reason"] in ("stop", "length") and isinstance(out["text"], str)
         assert set(out["passages"][0]) == {"id", "title", "score", "retrieval_score", "used"}
@@ -308,7 +328,7 @@ def test_infer_over_http_with_uploaded_documents(served):
 def test_an_artifact_with_documents_installs_them(served):
     c, store, bb = served
     retriever = Retriever(bb, progress=False).build(CORPUS[:5])
-    m = _rrr(bb, Corpus(retriever, CORPUS[:5]), retrieval="hybrid")
+    m = _rrr(bb, retrieval="hybrid")
     r = c.put("/tasks/kb-qa", content=m.to_artifact(files=documents_files(CORPUS[:5], retriever)))
     assert r.status_code == 201, r.text
     listed = c.get("/tasks/kb-qa/documents").json()
@@ -319,10 +339,15 @@ def test_an_artifact_with_documents_installs_them(served):
     out = c.post("/tasks/kb-qa/infer", json={"inputs": "extinct zebra", "parameters": {"max_new_tokens": 3}}).json()
     assert out["outputs"][0]["passages"][0]["id"] in {d.id for d in CORPUS[:5]}
 
-    # a new version with other documents replaces them all
+    # a new version with other documents replaces them all (their vectors are computed by a job)
     r = c.put("/tasks/kb-qa", content=m.to_artifact(files=documents_files(CORPUS[5:])))
     assert r.status_code == 201 and r.json()["version"] == 2
     assert [d["id"] for d in c.get("/tasks/kb-qa/documents").json()["documents"]] == [d.id for d in CORPUS[5:]]
+    [job] = [j for j in c.get("/tasks/kb-qa/documents/jobs").json()["jobs"] if j["generation"] == 2]
+    while (job := c.get(f"/tasks/kb-qa/documents/jobs/{job['id']}").json())["status"] != "done":
+        assert job["status"] in ("queued", "running"), job
+        time.sleep(0.05)
+    assert job["dense"] and job["done"] == job["total"] == len(CORPUS[5:])
 
 
 @pytest.mark.parametrize("files,needle", [
@@ -373,7 +398,7 @@ def test_the_squad_example_and_documents_uploaded_through_the_api(admin, server)
     docs = [Document(f"warsaw-{i}", p["context"], "Warsaw") for i, p in enumerate(article["paragraphs"][:10])]
     r = httpx.post(f"{server[0]}/tasks/kb-rrr/documents", content=_jsonl(docs), timeout=300,
                    headers={**JSONL, "Authorization": f"Bearer {INTEGRATION_ADMIN_KEY}"})
-    assert r.status_code == 200 and r.json()["count"] == 10
+    assert r.status_code == 202 and r.json()["count"] == 10
     question = article["paragraphs"][0]["qas"][0]["question"]
     alone = admin.infer("kb-rrr", question, max_new_tokens=8).outputs[0]
     assert alone.passages and {p["id"] for p in alone.passages} <= {d.id for d in docs}
@@ -383,3 +408,41 @@ def test_the_squad_example_and_documents_uploaded_through_the_api(admin, server)
         together = [f.result().outputs[0] for f in futs]
     assert together[1].text == alone.text and [p["id"] for p in together[1].passages] == [p["id"] for p in alone.passages]
     assert together[0].label == "positive" and together[2].passages is None
+
+
+def test_a_loaded_module_is_unchanged_by_requests_with_documents(tmp_path, tiny):
+    """The task's documents travel with each request (its Context), never on the shared module:
+    after requests over two generations of documents, streamed and batched, the loaded module's
+    attributes and tensors are what they were."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.config import Settings
+
+    settings = Settings(store_dir=tmp_path, examples=False, _env_file=None)
+    app = create_app(settings, backbone=tiny, wait_ready=True)
+    with TestClient(app) as c:
+        rt = app.state.runtime
+        assert c.put("/tasks/qa", content=_rrr(tiny, candidates=3, retrieval="hybrid").to_artifact()).status_code == 201
+        assert c.post("/tasks/qa/documents", content=_jsonl(CORPUS[:6]), headers=JSONL).status_code < 300
+        params = {"max_new_tokens": 3}
+        first = c.post("/tasks/qa/infer", json={"inputs": "Which zebra is extinct?", "parameters": params}).json()
+        module = rt.registry.resolve("qa").module
+        before = attributes(module)
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda q: c.post("/tasks/qa/infer", json={"inputs": q, "parameters": params}),
+                                    QUESTIONS))
+        assert all(r.status_code == 200 for r in answers)
+        assert c.post("/tasks/qa/infer", json={"inputs": QUESTIONS[1], "stream": True,
+                                               "parameters": params}).status_code == 200
+        newer = [Document("zebra2", "Zebra zebra zebra: the quagga was a zebra.", "Zebras")]
+        job = c.post("/tasks/qa/documents", content=_jsonl(newer), headers=JSONL).json()["job"]
+        rt.documents.wait("qa", job["id"])  # hybrid: until then the task answers from the last complete index
+        second = c.post("/tasks/qa/infer", json={"inputs": "Which zebra is extinct?", "parameters": params}).json()
+        assert "zebra2" not in [p["id"] for p in first["outputs"][0]["passages"]]
+        assert "zebra2" in [p["id"] for p in second["outputs"][0]["passages"]]  # each request reads the newest
+        assert rt.registry.resolve("qa").module is module
+        assert same_attributes(attributes(module), before)
+        assert "documents" not in vars(module)

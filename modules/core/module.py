@@ -118,8 +118,8 @@ class TaskModule(nn.Module):
     kind: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
     vectors: ClassVar[tuple[str, ...]] = ()  # see param_groups
-    # A kind that reads its task's documents (rrr): the server attaches them as `documents` before
-    # each request, and answers 409 while the task has none.
+    # A kind that reads its task's documents (rrr): the server gives them with each request (its
+    # modules.core.stages.Context), and answers 409 while the task has none.
     reads_documents: ClassVar[bool] = False
 
     def __init__(self, manifest: Manifest, config: BaseModel, backbone: Backbone):
@@ -219,15 +219,24 @@ class TaskModule(nn.Module):
             raise TypeError(f"a {self.kind} row needs a probe first: use modules.core.stages.prepare")
         return Contribution()
 
-    def probe(self, ids: list[int]) -> "Probe | None":
-        """A backbone pass this module needs over the input before its row runs, or None (the
-        usual case). A module that probes turns the result into its row in `finish`; see
-        modules.core.stages, which runs the probes of a whole batch together."""
+    @classmethod
+    def retrieval_of(cls, config: dict) -> str | None:
+        """How a module of this kind with this config searches its task's documents (`bm25`,
+        `dense` or `hybrid`); None for a kind that reads none (see `reads_documents`)."""
         return None
 
-    def finish(self, ids: list[int], results: list) -> "tuple[list[int], Contribution] | Prepared":
+    def probe(self, ids: list[int], context=None) -> "Probe | None":
+        """A backbone pass this module needs over the input before its row runs, or None (the
+        usual case). `context`: what the request brings besides its ids (modules.core.stages.Context,
+        e.g. the task's documents). A module that probes turns the result into its row in `finish`;
+        see modules.core.stages, which runs the probes of a whole batch together."""
+        return None
+
+    def finish(self, ids: list[int], results: list, state=None) -> "tuple[list[int], Contribution] | Prepared":
         """The final row from the probe's results, one per probe row: hidden states (len(row), H),
-        or the sampled texts. Returns (ids, contribution), or a Prepared to add `info`."""
+        or the sampled texts; `state` is the probe's own (`Probe.state`), handed back. Returns
+        (ids, contribution), or a Prepared to add `info`. Never changes the module: one loaded
+        module serves every request."""
         raise NotImplementedError(f"kind {self.kind} does not probe")
 
     @property

@@ -218,17 +218,18 @@ class Retriever:
     # --- building ------------------------------------------------------------------------------
 
     def build(self, docs: Sequence[Document], reuse: "Retriever | None" = None,
-              vectors: np.ndarray | None = None) -> "Retriever":
+              vectors: np.ndarray | None = None, dense: bool = True) -> "Retriever":
         """Index `docs` (ids must be unique). `reuse`: a previous retriever on the same backbone and
         projection, whose vectors are kept for documents that did not change (only the rest is embedded).
         `vectors` (N, d): the documents' dense vectors as this retriever computes them (`vectors()`),
-        saved earlier: nothing is embedded (an example task ships them)."""
+        saved earlier: nothing is embedded (an example task ships them). `dense=False`: BM25 only
+        (no backbone pass); `with_vectors` adds the dense index later."""
         ids = [d.id for d in docs]
         if len(set(ids)) != len(ids):
             raise ValueError("document ids must be unique")
         self.ids, self.digests = ids, [d.digest for d in docs]
         self._set_bm25([words(f"{d.title} {d.text}" if d.title else d.text) for d in docs])
-        if self.backbone is not None:
+        if self.backbone is not None and (dense or vectors is not None):
             if vectors is not None:
                 self._set_vectors(vectors)
             else:
@@ -249,6 +250,22 @@ class Retriever:
         if len(vecs):
             self.index.add(vecs)
 
+    def with_vectors(self, vectors: np.ndarray) -> "Retriever":
+        """A retriever on the same documents and BM25 index, with `vectors` (N, d) (as `embed` makes
+        them, in document order) as its dense index. This one is not changed."""
+        r = Retriever(self.backbone, self.projection, batch_size=self.batch_size, max_tokens=self.max_tokens,
+                      lock=self.lock, progress=self.progress)
+        r.ids, r.digests, r.corpus, r.bm25, r.postings = self.ids, self.digests, self.corpus, self.bm25, self.postings
+        r._set_vectors(vectors)
+        return r
+
+    def by_digest(self) -> dict[str, np.ndarray]:
+        """The dense vector of each document, keyed by its digest (title and text: what was embedded);
+        {} without a dense index."""
+        if self.index is None:
+            return {}
+        return {h: self.index.reconstruct(i) for i, h in enumerate(self.digests)}
+
     def vectors(self) -> np.ndarray | None:
         """The dense index's vectors, in document order (N, d); None without a backbone."""
         if self.index is None:
@@ -268,8 +285,9 @@ class Retriever:
                 postings.setdefault(w, []).append(i)
         self.postings = postings
 
-    def _vectors(self, texts: Sequence[str], lock_held: bool = False) -> np.ndarray:
-        """Embed, project, L2-normalise. -> (N, d) float32"""
+    def embed(self, texts: Sequence[str], lock_held: bool = False) -> np.ndarray:
+        """Embed, project, L2-normalise: the dense vectors of texts, as documents and queries get
+        them. -> (N, d) float32. `lock_held`: the caller holds `lock` (the engine thread)."""
         import faiss
 
         vecs = embed_texts(self.backbone, texts, self.batch_size, self.max_tokens,
@@ -281,7 +299,8 @@ class Retriever:
         faiss.normalize_L2(vecs)  # in place; a zero row stays zero
         return vecs
 
-    def _reusable(self, other: "Retriever | None") -> bool:
+    def reusable(self, other: "Retriever | None") -> bool:
+        """Whether `other`'s vectors are this retriever's (same backbone, projection and token cut)."""
         return (other is not None and other.index is not None and other.backbone is not None
                 and other.backbone.info.fingerprint == self.backbone.info.fingerprint
                 and _projection_digest(other.projection) == _projection_digest(self.projection)
@@ -292,7 +311,7 @@ class Retriever:
 
         vecs = np.zeros((len(docs), self.dim), dtype=np.float32)  # (N, d)
         todo = list(range(len(docs)))
-        if self._reusable(reuse):
+        if self.reusable(reuse):
             old = {(i, h): j for j, (i, h) in enumerate(zip(reuse.ids, reuse.digests))}
             todo = []
             for n, d in enumerate(docs):
@@ -302,7 +321,7 @@ class Retriever:
                 else:
                     vecs[n] = reuse.index.reconstruct(j)
         if todo:
-            vecs[todo] = self._vectors([docs[n].passage for n in todo])
+            vecs[todo] = self.embed([docs[n].passage for n in todo])
         self.index = faiss.IndexFlatIP(self.dim)
         if len(docs):
             self.index.add(vecs)
@@ -322,7 +341,7 @@ class Retriever:
         if k < 1:
             raise ValueError("k must be at least 1")
         if method != "bm25" and self.index is None:
-            raise ValueError(f"method {method!r} needs a dense index: this retriever has no backbone")
+            raise ValueError(f"method {method!r} needs a dense index: this retriever has none")
         if not self.ids:
             return []
         if method == "bm25":
@@ -345,7 +364,7 @@ class Retriever:
         return sorted(zip(candidates, scores), key=lambda kv: (-kv[1], kv[0]))[:k]
 
     def _dense(self, query: str, k: int, lock_held: bool = False) -> list[tuple[int, float]]:
-        q = self._vectors([query], lock_held)  # (1, d)
+        q = self.embed([query], lock_held)  # (1, d)
         scores, idx = self.index.search(q, min(k, len(self.ids)))  # (1, k) each
         return [(int(i), float(s)) for i, s in zip(idx[0], scores[0]) if i >= 0]
 
@@ -369,7 +388,7 @@ class Retriever:
 
     def save(self, folder: str | Path) -> None:
         """Write the retriever into `folder` (created if needed), every file fsynced. Writing into a
-        fresh folder and renaming it into place makes the whole save atomic (service/documents.py does)."""
+        fresh folder and renaming it into place makes the whole save atomic (service/documents/store.py does)."""
         import faiss
 
         folder = Path(folder)
@@ -382,13 +401,16 @@ class Retriever:
         _write(folder / MANIFEST_FILE, lambda p: p.write_text(json.dumps(self.manifest())))  # last
 
     @classmethod
-    def load(cls, folder: str | Path, backbone=None, docs: Sequence[Document] | None = None,
-             **kwargs) -> "Retriever":
+    def load(cls, folder: str | Path, backbone=None, docs: Sequence[Document] | None = None, *,
+             rebuild: bool = True, **kwargs) -> "Retriever":
         """Read a saved retriever. With `docs` (the documents it should describe, in order), whatever
         does not match them is rebuilt: everything when the ids or contents differ, the dense index when
         it was built on another backbone (its fingerprint differs) or is missing. Without `docs` such an
-        index raises ValueError. kwargs: batch_size, max_tokens, lock, progress (max_tokens defaults to
-        the saved one). A projection saved with the index is used only on the same backbone."""
+        index raises ValueError. `rebuild=False`: nothing is built; documents that differ raise
+        ValueError and a dense index that is missing or made on another backbone is left out (`index`
+        None), so loading never runs the backbone. kwargs: batch_size, max_tokens, lock, progress
+        (max_tokens defaults to the saved one). A projection saved with the index is used only on the
+        same backbone."""
         import faiss
 
         folder = Path(folder)
@@ -405,6 +427,8 @@ class Retriever:
         r = cls(backbone, projection, **kwargs)
 
         if docs is not None and ([d.id for d in docs] != meta["ids"] or [d.digest for d in docs] != meta["digests"]):
+            if not rebuild:
+                raise ValueError(f"index in {folder} does not describe these documents")
             log.warning("index in %s does not describe these documents: rebuilding it", folder)
             r.build(docs)
             r.rebuilt = True
@@ -421,6 +445,8 @@ class Retriever:
             if index.ntotal == len(r.ids) and index.d == r.dim:
                 r.index = index
                 return r
+        if not rebuild:
+            return r
         if docs is None:
             raise ValueError(f"{folder}: the dense index was built on backbone {meta.get('backbone_fingerprint')}, "
                              f"not on this one ({backbone.info.fingerprint}); pass the documents to rebuild it")

@@ -29,7 +29,7 @@ from torch import nn
 
 from modules.core.batch import Contribution, Row
 from modules.core.module import TaskModule
-from modules.core.stages import Probe
+from modules.core.stages import NO_CONTEXT, Context, Probe
 
 
 class IDPTConfig(BaseModel):
@@ -93,7 +93,7 @@ class IDPTModule(TaskModule):
         """The encoder pass: [E | input] (counted as if it ran every layer)."""
         return n + self.config.encoder_prompt_tokens
 
-    def probe(self, ids: list[int]) -> Probe:
+    def probe(self, ids: list[int], context: Context = NO_CONTEXT) -> Probe:
         prompt = self.encoder_prompt if self.config.encoder_prompt_tokens else None
         return Probe([Row(ids, Contribution(prepend=prompt))], depth=self.depth)
 
@@ -107,5 +107,5 @@ class IDPTModule(TaskModule):
         att = torch.nn.functional.scaled_dot_product_attention(q, k, v)          # (heads, P, d)
         return self.queries + self.o(att.transpose(0, 1).reshape(P, -1))          # (P, H)
 
-    def finish(self, ids: list[int], results: list[torch.Tensor]) -> tuple[list[int], Contribution]:
+    def finish(self, ids: list[int], results: list[torch.Tensor], state=None) -> tuple[list[int], Contribution]:
         return ids, Contribution(prepend=self.generate_prompt(results[0]))

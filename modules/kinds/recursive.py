@@ -31,7 +31,7 @@ from torch import nn
 from modules.core.batch import Contribution, Row
 from modules.core.decode import Sampling
 from modules.core.module import TaskModule
-from modules.core.stages import Probe
+from modules.core.stages import NO_CONTEXT, Context, Probe
 
 
 class RecursiveConfig(BaseModel):
@@ -100,7 +100,7 @@ class RecursiveModule(TaskModule):
         first = n + c.pass1_prompt_tokens
         return c.candidates * (first + c.candidate_tokens) if c.mode == "textual" else first
 
-    def probe(self, ids: list[int]) -> Probe:
+    def probe(self, ids: list[int], context: Context = NO_CONTEXT) -> Probe:
         row = Row(ids, Contribution(prepend=self.prompt1 if self.config.pass1_prompt_tokens else None))
         if self.config.mode == "textual":
             c = self.config
@@ -118,7 +118,7 @@ class RecursiveModule(TaskModule):
             h = torch.nn.functional.gelu(h)
         return c["up"](h)                                                               # (T, H)
 
-    def finish(self, ids: list[int], results: list) -> tuple[list[int], Contribution]:
+    def finish(self, ids: list[int], results: list, state=None) -> tuple[list[int], Contribution]:
         c, result = self.config, results[0]
         if c.mode == "textual":
             answers = " | ".join(t.strip() for t in result)

@@ -3,7 +3,7 @@
 One request goes through four steps, two of them backbone passes that batch with other tasks' rows:
 
 1. retrieve: the `candidates` best documents for the question (BM25, dense or hybrid; see
-   modules/core/retrieval.py), from the documents attached to the module (`module.documents`);
+   modules/core/retrieval.py), from the documents the request brings (its `Context`);
 2. rerank (a probe, modules.core.stages): one row per candidate, `rerank_template` rendered with the
    passage (cut to `rerank_passage_tokens`) and then the question, read at layer `reranker_depth` of
    the frozen backbone; the states of the positions after the passage (the question, which has
@@ -24,22 +24,22 @@ whether it was packed. With `rerank: false` the module skips step 2 (retrieve-re
 text is the question: keep the manifest's `template` at `{input}` (the question is read back from
 its token ids).
 
-`documents` is anything with `search(query, k, method) -> [(Document, score), ...]` and `len()`:
-the server attaches the task's documents (service/documents.py), training code a `Corpus`.
+The documents are the request's, not the module's (one loaded module serves every request and is
+never changed): `Context.documents`, anything with `search(query, k, method) -> [(Document, score),
+...]` and `len()`. The server gives the task's documents (service/documents/), training code a
+`Corpus`. The candidates retrieved by the probe travel with the row to `finish` (the probe's state).
 
 Example::
 
     m = RRRModule.new(backbone, {"candidates": 8, "context_tokens": 256})
-    m.documents = Corpus(Retriever(backbone).build(docs))
-    row = prepare(backbone, [(m, m.encode("Who wrote Hamlet?"))])[0]   # Prepared(ids, contribution, info)
+    corpus = Corpus(Retriever(backbone).build(docs), docs)
+    row = prepare(backbone, [(m, m.encode("Who wrote Hamlet?"), Context(corpus))])[0]   # Prepared(ids, contribution, info)
 """
 
 from __future__ import annotations
 
 import math
 import re
-import threading
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -52,7 +52,7 @@ from modules.core.artifact import ArtifactError
 from modules.core.batch import Contribution, Row
 from modules.core.module import TaskModule
 from modules.core.retrieval import Document, Retriever
-from modules.core.stages import Prepared, Probe
+from modules.core.stages import NO_CONTEXT, Context, Prepared, Probe
 
 _SLOT = re.compile(r"(\{context\}|\{input\}|\{passage\})")
 
@@ -98,7 +98,8 @@ class Documents(Protocol):
 
 
 class Corpus:
-    """A Retriever and its documents as a module's `documents` (training, benchmarks, tests)."""
+    """A Retriever and its documents as a request's documents (`Context(corpus)`: training,
+    benchmarks, tests)."""
 
     def __init__(self, retriever: Retriever, docs: Sequence[Document]):
         self.retriever, self.by_id = retriever, {d.id: d for d in docs}
@@ -142,7 +143,7 @@ def pack(lengths: Sequence[int], budget: int, separator: int = 0) -> list[int]:
 class RRRModule(TaskModule):
     kind = "rrr"
     Config = RRRConfig
-    reads_documents = True  # the server attaches the task's documents as `self.documents`
+    reads_documents = True  # the server gives the task's documents with each request (Context.documents)
 
     def __init__(self, manifest, config: RRRConfig, backbone):
         super().__init__(manifest, config, backbone)
@@ -157,9 +158,6 @@ class RRRModule(TaskModule):
         self.norm = nn.LayerNorm(H)
         self.head = nn.Linear(H, 1)
         self.prior_weight = nn.Parameter(torch.ones(1))
-        self.documents: Documents | None = None
-        self._pending: dict[tuple[int, ...], deque] = {}  # probe -> finish, see _remember
-        self._pending_lock = threading.Lock()
         tok = self.tokenizer
         self._literal = {s: tok(s, add_special_tokens=False)["input_ids"] if s else []
                          for t in (config.reader_template, config.rerank_template, config.separator)
@@ -209,11 +207,15 @@ class RRRModule(TaskModule):
     def question(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def retrieve(self, question: str) -> list[Candidate]:
+    @classmethod
+    def retrieval_of(cls, config: dict) -> str:
+        return cls.Config(**config).retrieval
+
+    def retrieve(self, question: str, documents: Documents | None) -> list[Candidate]:
         """The retriever's best candidates for the question ([] without documents or hits)."""
-        if self.documents is None or not question:
+        if documents is None or not question:
             return []
-        hits = self.documents.search(question, self.config.candidates, self.config.retrieval)
+        hits = documents.search(question, self.config.candidates, self.config.retrieval)
         return [Candidate(d, float(s), r) for r, (d, s) in enumerate(hits)]
 
     def _render(self, template: str, slots: dict[str, list[int]]) -> list[int]:
@@ -265,38 +267,18 @@ class RRRModule(TaskModule):
 
     # --- the probe protocol ------------------------------------------------------------------
 
-    def _remember(self, ids: list[int], cands: list[Candidate]) -> None:
-        """Hand the candidates from `probe` to `finish` (the protocol passes only ids between them).
-        A queue per ids: identical requests in one batch each get their own, in order."""
-        with self._pending_lock:
-            if sum(len(q) for q in self._pending.values()) > 4096:  # left by batches that failed midway
-                self._pending.clear()
-            self._pending.setdefault(tuple(ids), deque()).append(cands)
-
-    def _recall(self, ids: list[int]) -> list[Candidate] | None:
-        with self._pending_lock:
-            q = self._pending.get(tuple(ids))
-            if not q:
-                return None
-            cands = q.popleft()
-            if not q:
-                del self._pending[tuple(ids)]
-            return cands
-
-    def probe(self, ids: list[int]) -> Probe:
+    def probe(self, ids: list[int], context: Context = NO_CONTEXT) -> Probe:
+        """Retrieve (from the request's documents), then one reranker row per candidate; the
+        candidates are the probe's state, handed back to `finish` with the rows' states."""
         question = self.question(ids)
-        cands = self.retrieve(question)
-        self._remember(ids, cands)
-        if not self.config.rerank:
-            return Probe([], depth=self.depth)
-        return Probe([Row(self.rerank_ids(question, c.doc)) for c in cands], depth=self.depth)
+        cands = self.retrieve(question, context.documents)
+        rows = [Row(self.rerank_ids(question, c.doc)) for c in cands] if self.config.rerank else []
+        return Probe(rows, depth=self.depth, state=cands)
 
-    def finish(self, ids: list[int], results: list) -> Prepared:
-        question = self.question(ids)
-        cands = self._recall(ids)
-        if cands is None or (self.config.rerank and len(cands) != len(results)):
-            cands = self.retrieve(question)  # not remembered (should not happen): retrieval is deterministic
-        if self.config.rerank and cands and len(cands) == len(results):
+    def finish(self, ids: list[int], results: list, state: list[Candidate]) -> Prepared:
+        """Rerank `state` (the probe's candidates) by the reranker rows' states, pack, read."""
+        question, cands = self.question(ids), state
+        if self.config.rerank and cands:
             tail = self.tail_length(question)
             feats = torch.stack([self.features(r, tail) for r in results])                # (N, H)
             scores = self.score(feats, torch.tensor([c.rank for c in cands], device=feats.device)).tolist()

@@ -1,25 +1,21 @@
-"""A task's documents (the passages retrieval searches): upload as JSON lines, list, get, delete, search."""
+"""A task's documents (the passages retrieval searches): upload as JSON lines (stored at once,
+indexed in the background: a job), follow the job, list, get, delete, search."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import AdminDep, InferDep, ReaderDep, RuntimeDep
-from service.documents import DocumentStore, parse_jsonl
-from service.errors import ServiceError, TooLarge
+from service.errors import TooLarge, UnsupportedMediaType
 
 router = APIRouter(prefix="/tasks/{name}/documents", tags=["documents"])
 
 MEDIA_TYPES = ("application/x-ndjson", "application/jsonl")
 READ = [ReaderDep, InferDep]  # reading a task's documents needs the scope that runs the task
-
-
-class UnsupportedMediaType(ServiceError):
-    status, code = 415, "unsupported_media_type"
 
 
 class DocumentOut(BaseModel):
@@ -28,11 +24,37 @@ class DocumentOut(BaseModel):
     title: str | None = None
 
 
+class JobOut(BaseModel):
+    id: str
+    task: str
+    status: Literal["queued", "running", "done", "failed", "superseded"] = Field(
+        description="`superseded`: newer documents arrived first; their job (`superseded_by`) indexes these too.")
+    generation: int = Field(description="The generation of the task's documents it indexes.")
+    dense: bool = Field(description="Whether it computes dense vectors (else the BM25 index, built with the "
+                                    "documents, was all: done at once).")
+    count: int = Field(description="Documents of that generation.")
+    added: int = Field(description="New ids (the upload that made the generation).")
+    replaced: int = Field(description="Ids that existed and were replaced.")
+    done: int = Field(description="Documents embedded so far (resumed ones included).")
+    total: int = Field(description="Documents this job embeds (those without a known vector); known once it runs.")
+    resumed: int = Field(description="Of `done`, vectors an interrupted job had saved (after a restart).")
+    error: str | None = None
+    superseded_by: str | None = None
+    created_at: float = Field(description="Unix time.")
+    finished_at: float | None = None
+
+
 class DocumentsAdded(BaseModel):
     task: str
     added: int = Field(description="New ids.")
     replaced: int = Field(description="Ids that existed and were replaced.")
     count: int = Field(description="Documents of the task now.")
+    job: JobOut = Field(description="The job indexing them: GET /tasks/{name}/documents/jobs/{id}.")
+
+
+class JobList(BaseModel):
+    task: str
+    jobs: list[JobOut] = Field(description="Newest first (the last 20 finished ones are kept).")
 
 
 class DocumentList(BaseModel):
@@ -53,14 +75,6 @@ class SearchResult(BaseModel):
     task: str
     method: str
     results: list[SearchHit] = Field(description="Best first.")
-
-
-def get_documents(rt: RuntimeDep) -> DocumentStore:
-    rt._require_ready()
-    return rt.documents
-
-
-DocumentsDep = Annotated[DocumentStore, Depends(get_documents)]
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -84,28 +98,40 @@ _JSONL_BODY = {"requestBody": {"required": True, "content": {
     for t in MEDIA_TYPES}}}
 
 
-@router.post("", response_model=DocumentsAdded, dependencies=[AdminDep], openapi_extra=_JSONL_BODY,
-             summary="Add or replace documents: JSON lines {id, text, title?}; all or nothing",
+@router.post("", status_code=202, response_model=DocumentsAdded, dependencies=[AdminDep], openapi_extra=_JSONL_BODY,
+             summary="Add or replace documents: JSON lines {id, text, title?}; all or nothing; stored and "
+                     "searchable by BM25 at once, indexed in the background (a job)",
              responses={415: {"description": "Not a JSON-lines content type"}})
-async def post_documents(name: str, request: Request, rt: RuntimeDep) -> DocumentsAdded:
-    store = get_documents(rt)
+async def post_documents(name: str, request: Request, response: Response, rt: RuntimeDep) -> DocumentsAdded:
+    documents = rt.documents
     body = await _read_body(request, rt.settings.max_upload_bytes)
-    docs = await run_in_threadpool(parse_jsonl, body)
-    result = await run_in_threadpool(store.put, name, docs)
-    return DocumentsAdded(task=name, added=result.added, replaced=result.replaced, count=result.count)
+    job = await run_in_threadpool(documents.add, name, body)
+    response.headers["Location"] = f"/tasks/{name}/documents/jobs/{job.id}"
+    return DocumentsAdded(task=name, added=job.added, replaced=job.replaced, count=job.count, job=JobOut(**job.out()))
+
+
+@router.get("/jobs", response_model=JobList, dependencies=READ, summary="The task's indexing jobs, newest first")
+def list_jobs(name: str, rt: RuntimeDep) -> JobList:
+    return JobList(task=name, jobs=[JobOut(**j.out()) for j in rt.documents.jobs(name)])
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, dependencies=READ,
+            summary="One indexing job: status and progress")
+def get_job(name: str, job_id: str, rt: RuntimeDep) -> JobOut:
+    return JobOut(**rt.documents.job(name, job_id).out())
 
 
 @router.get("", response_model=DocumentList, dependencies=READ, summary="Count and a page of documents")
-def list_documents(name: str, store: DocumentsDep, offset: Annotated[int, Query(ge=0)] = 0,
+def list_documents(name: str, rt: RuntimeDep, offset: Annotated[int, Query(ge=0)] = 0,
                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> DocumentList:
-    count, docs = store.list(name, offset, limit)
+    count, docs = rt.documents.list(name, offset, limit)
     return DocumentList(task=name, count=count, offset=offset, limit=limit,
                         documents=[DocumentOut(id=d.id, text=d.text, title=d.title) for d in docs])
 
 
 @router.delete("", status_code=204, dependencies=[AdminDep], summary="Delete every document of the task")
-def delete_documents(name: str, store: DocumentsDep) -> Response:
-    store.clear(name)
+def delete_documents(name: str, rt: RuntimeDep) -> Response:
+    rt.documents.clear(name)
     return Response(status_code=204)
 
 
@@ -121,7 +147,7 @@ async def search_documents(name: str, rt: RuntimeDep,
 
 
 @router.get("/{doc_id:path}", response_model=DocumentOut, dependencies=READ, summary="One document")
-def get_document(name: str, doc_id: str, store: DocumentsDep) -> DocumentOut:
-    d = store.get(name, doc_id)
+def get_document(name: str, doc_id: str, rt: RuntimeDep) -> DocumentOut:
+    d = rt.documents.get(name, doc_id)
     return DocumentOut(id=d.id, text=d.text, title=d.title)
 
