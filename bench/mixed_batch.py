@@ -156,11 +156,11 @@ def _count_new(new_ids: torch.Tensor, tok) -> int:
 
 
 def cold_loads(bb, n: int) -> list[float]:
-    from service.registry import Registry
+    from service.loaded import LoadedModules
     from service.store import ModuleStore
 
     with tempfile.TemporaryDirectory() as d:
-        reg = Registry(ModuleStore(d), bb, cache_bytes=1)  # a 1-byte cache: every resolve is a cold load
+        reg = LoadedModules(ModuleStore(d), bb, cache_bytes=1)  # a 1-byte cache: every resolve is a cold load
         for i, m in enumerate(mixed_modules(bb)):
             reg.put(f"m{i}", m.to_artifact())
         times = []

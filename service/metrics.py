@@ -75,10 +75,10 @@ def observe_batch(jobs, results, seconds: float) -> None:
 def render(runtime) -> bytes:
     if runtime.ready:
         QUEUE_DEPTH.set(runtime.scheduler.depth)
-        for event, n in runtime.registry.stats.items():
+        for event, n in runtime.loaded.stats.items():
             MODULE_CACHE.labels(event).set(n)
-        MODULES_LOADED.set(runtime.registry.loaded_count)
-        MODULE_BYTES.set(runtime.registry.loaded_bytes)
+        MODULES_LOADED.set(runtime.loaded.loaded_count)
+        MODULE_BYTES.set(runtime.loaded.loaded_bytes)
         if runtime.backbone.device.type == "cuda":
             import torch
 

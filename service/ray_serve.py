@@ -43,10 +43,10 @@ class FrozenLMReplica:
 
     @serve.multiplexed(max_num_models_per_replica=64)
     async def task(self, name: str):
-        """Load a task's module into this replica's registry (Serve keeps the hot ones here)."""
+        """Load a task's module into this replica's loaded modules (Serve keeps the hot ones here)."""
         from starlette.concurrency import run_in_threadpool
 
-        return await run_in_threadpool(self.app.state.runtime.registry.resolve, name)
+        return await run_in_threadpool(self.app.state.runtime.loaded.resolve, name)
 
     async def __call__(self, request: Request) -> Response:
         m = _TASK.match(request.url.path)

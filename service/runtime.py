@@ -1,4 +1,4 @@
-"""The service object the routes call: backbone, store, registry, scheduler and engine together.
+"""The service object the routes call: backbone, store, loaded modules, scheduler and engine together.
 
 Route handlers call one method here each; nothing torch-related runs on the event loop (module
 loads and tokenization go to the thread pool, forward passes to the engine thread).
@@ -14,13 +14,35 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
 from starlette.concurrency import run_in_threadpool
 
+from modules.core.artifact import ArtifactError
+from modules.core.backbone import Backbone
+from modules.core.decode import Sampling
+from modules.core.module import MAX_LABEL_TOKENS
+from modules.core.stages import Context
+from modules.registry import kind_class
 from service import metrics
 from service.config import Settings
-from service.errors import Invalid, Timeout, TooLarge, Unavailable
+from service.continuous import ContinuousEngine
+from service.documents import Documents, Indexing
+from service.engine import Engine, Scored, label_cost
+from service.errors import (
+    Conflict,
+    Invalid,
+    NotFound,
+    ServiceError,
+    Timeout,
+    TooLarge,
+    Unavailable,
+    from_artifact_error,
+)
+from service.loaded import LoadedModules
 from service.scheduler import Job, Scheduler
 from service.schemas import InferParameters, InferResponse, Output, TaskOut, TokenLogprob, TopLogprob, Uploaded, Usage
+from service.security import KeyRing
+from service.store import ModuleStore
 
 log = logging.getLogger("frozenlm.runtime")
 
@@ -49,13 +71,11 @@ def _samples(result) -> list:
 
 class Runtime:
     def __init__(self, settings: Settings, backbone=None):
-        from service.security import KeyRing
-
         self.settings = settings
         self.keys = KeyRing(settings.admin_key, settings.api_keys_file)
         self.scheduler = Scheduler(settings.max_queue, settings.max_batch_size, settings.max_batch_tokens)
         self.backbone = backbone  # injected (tests) or loaded in load()
-        self.registry = None
+        self.loaded = None
         self.engine = None
         self._documents = None  # service.documents.Documents, once loaded (see `documents`)
         # The engine holds this lock for each batch (and for the passes queued as jobs of their own:
@@ -70,15 +90,6 @@ class Runtime:
 
     def load(self) -> None:
         """Load the backbone, open the store, install examples, start the engine (blocking)."""
-        import torch
-
-        from modules.core.backbone import Backbone
-        from service.continuous import ContinuousEngine
-        from service.documents import Documents
-        from service.engine import Engine
-        from service.registry import Registry
-        from service.store import ModuleStore
-
         s = self.settings
         try:
             if s.threads:
@@ -90,13 +101,13 @@ class Runtime:
             log.info("backbone %s loaded on %s/%s in %.1fs (fingerprint %s)", self.backbone.name,
                      self.backbone.device, self.backbone.dtype, time.monotonic() - t, self.backbone.info.fingerprint)
             store = ModuleStore(s.store_dir)
-            self.registry = Registry(store, self.backbone, s.cache_bytes, max_artifact_bytes=8 * s.max_upload_bytes,
+            self.loaded = LoadedModules(store, self.backbone, s.cache_bytes, max_artifact_bytes=8 * s.max_upload_bytes,
                                      host_cache_bytes=s.host_cache_bytes, pinned=frozenset(s.pinned))
             self._documents = Documents(store, self.backbone, self.backbone_lock, scheduler=self.scheduler,
                                         needs_dense=self._needs_dense, step_tokens=s.prefill_tokens)
             if s.examples and not store.names():
                 self._install_examples(s.examples_dir)
-            self.registry.check_all()
+            self.loaded.check_all()
             self._documents.start()
             hooks = {"on_batch": metrics.observe_batch, "on_cancel": metrics.CANCELLED.inc, "lock": self.backbone_lock}
             if s.engine == "static":
@@ -115,8 +126,6 @@ class Runtime:
             raise
 
     def _install_examples(self, folder: Path) -> None:
-        from service.errors import ServiceError
-
         for path in sorted(Path(folder).glob("*.zip")):
             try:
                 self._put(path.stem, path.read_bytes())
@@ -148,21 +157,20 @@ class Runtime:
     # --- tasks -------------------------------------------------------------------------------
 
     def _task_out(self, stored, with_manifest: bool) -> TaskOut:
-        status, err = self.registry.status(stored)
+        status, err = self.loaded.status(stored)
         return TaskOut(name=stored.name, version=stored.version, kind=stored.kind, status=status,
                        size_bytes=stored.size_bytes, sha256=stored.sha256, error=err,
-                       manifest=self.registry.manifest(stored) if with_manifest else None)
+                       manifest=self.loaded.manifest(stored) if with_manifest else None)
 
     def list_tasks(self) -> list[TaskOut]:
         self._require_ready()
-        store = self.registry.store
+        store = self.loaded.store
         return [self._task_out(st, True) for n in store.names() if (st := store.get(n)) is not None]
 
     def get_task(self, name: str) -> TaskOut:
-        from service.errors import NotFound
 
         self._require_ready()
-        stored = self.registry.store.get(name) if name != "base" else None
+        stored = self.loaded.store.get(name) if name != "base" else None
         if stored is None:
             raise NotFound(f"task {name!r} not found", code="task_not_found")
         return self._task_out(stored, True)
@@ -170,20 +178,17 @@ class Runtime:
     def _artifact_documents(self, data: bytes):
         """The documents an artifact carries (service.documents.Carried), or None; checked before
         anything is stored, so a bad documents file refuses the whole upload."""
-        from modules.core.artifact import ArtifactError
-        from service.errors import from_artifact_error
-
         try:
-            files = self.registry.unpack(data)
+            files = self.loaded.unpack(data)
         except ArtifactError as e:
             raise from_artifact_error(e) from e
         return self._documents.from_artifact(files)
 
     def _put(self, name: str, data: bytes):
         """Store a module; an artifact carrying documents makes them the task's documents."""
-        self.registry.check_name(name)
+        self.loaded.check_name(name)
         documents = self._artifact_documents(data)
-        stored = self.registry.put(name, data)
+        stored = self.loaded.put(name, data)
         if documents is not None:
             self._documents.replace(name, documents)
         else:
@@ -193,10 +198,8 @@ class Runtime:
     def _needs_dense(self, task: str) -> bool:
         """Whether the task's module searches its documents by dense vectors (read from its
         manifest: nothing is loaded)."""
-        from modules.registry import kind_class
-
-        stored = self.registry.store.get(task)
-        manifest = self.registry.manifest(stored) if stored is not None else None
+        stored = self.loaded.store.get(task)
+        manifest = self.loaded.manifest(stored) if stored is not None else None
         try:
             return kind_class(manifest["kind"]).retrieval_of(manifest["config"]) in ("dense", "hybrid")
         except Exception:  # noqa: BLE001 - no manifest, an unknown kind: it reads no documents
@@ -204,15 +207,12 @@ class Runtime:
 
     def _resolve(self, name: str):
         """The module serving `name` (runs in the thread pool)."""
-        return self.registry.resolve(name)
+        return self.loaded.resolve(name)
 
     async def _context(self, resolved):
         """What a request brings to its module besides its ids (modules.core.stages.Context): its
         task's documents when its kind reads them (409 while the task has none). Given with each
         row, never set on the module, which every request shares."""
-        from modules.core.stages import Context
-        from service.errors import Conflict
-
         module = resolved.module
         if not module.reads_documents:
             return Context()
@@ -225,8 +225,6 @@ class Runtime:
     async def _documents_view(self, name: str, method: str):
         """The task's documents for a search by `method` (service.documents.Documents.view), waiting,
         up to the request deadline, while the first index with dense vectors builds (then 503)."""
-        from service.documents import Indexing
-
         deadline = time.monotonic() + self.settings.request_timeout_s
         while True:
             try:
@@ -245,15 +243,12 @@ class Runtime:
     async def delete_task(self, name: str) -> None:
         self._require_ready()
         # under the task's documents lock: no document write runs into the folder being removed
-        await run_in_threadpool(self._documents.delete_task, name, self.registry.delete)
+        await run_in_threadpool(self._documents.delete_task, name, self.loaded.delete)
 
     # --- inference ---------------------------------------------------------------------------
 
     def _jobs(self, task: str, module, inputs: list, p: InferParameters, on_text=None) -> list[Job]:
         """Tokenize and check limits (runs in the thread pool)."""
-        from modules.core.decode import Sampling
-        from service.engine import label_cost
-
         s, gen = self.settings, module.manifest.generation
         if p.max_new_tokens is not None and p.max_new_tokens > s.max_new_tokens:
             raise Invalid(f"max_new_tokens {p.max_new_tokens} is above the limit {s.max_new_tokens}",
@@ -294,8 +289,6 @@ class Runtime:
     @staticmethod
     def _choices(module, choices: list[str]) -> dict[str, list[int]]:
         """A request's answer choices as continuation token ids, each within a label's length cap."""
-        from modules.core.module import MAX_LABEL_TOKENS
-
         out = {}
         for c in choices:
             ids = module.tokenizer(c, add_special_tokens=False)["input_ids"]
@@ -336,8 +329,6 @@ class Runtime:
 
     @staticmethod
     def _output(result, info: dict | None = None) -> Output:
-        from service.engine import Scored
-
         extra = {"passages": info["passages"]} if info and "passages" in info else {}
         if isinstance(result, Scored):
             return Output(text=result.label, finish_reason="label", label=result.label, scores=result.scores, **extra)
@@ -420,7 +411,6 @@ class Runtime:
                     results = task.result()
                 yield "done", self._response(resolved, jobs, results, t0)
             except Exception as e:  # noqa: BLE001 - the status line is sent already: report in-band
-                from service.errors import ServiceError
 
                 known = isinstance(e, ServiceError)
                 if not known:

@@ -97,17 +97,13 @@ class ModuleStore:
                 for f in p.iterdir():
                     if f.name.endswith(".tmp"):
                         f.unlink(missing_ok=True)
-                cur = self._read_current(p)
+                cur = read_json(p / CURRENT)
                 for f in p.iterdir():  # versions written but never made current
                     m = _VERSION_FILE.fullmatch(f.name)
                     if m and (cur is None or int(m.group(1)) != cur.get("version")):
                         f.unlink(missing_ok=True)
                 if cur is None and not any(p.iterdir()):
                     p.rmdir()
-
-    @staticmethod
-    def _read_current(folder: Path) -> dict | None:
-        return read_json(folder / CURRENT)
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir()
@@ -117,7 +113,7 @@ class ModuleStore:
         if not valid_name(name):  # never a path outside the store ("..", "a/b")
             return None
         folder = self.root / name
-        cur = self._read_current(folder)
+        cur = read_json(folder / CURRENT)
         if cur is None:
             return None
         v = int(cur["version"])
@@ -145,7 +141,7 @@ class ModuleStore:
     def put(self, name: str, data: bytes, kind: str, manifest: bytes | None = None) -> StoredModule:
         """Store `data` (and its `manifest`) as the next version of `name` and make it current,
         atomically. Without a manifest the version is stored as before manifests were kept beside
-        artifacts (the registry writes it at the next start)."""
+        artifacts (the loaded-modules cache writes it at the next start)."""
         if not valid_name(name):
             raise ValueError(f"invalid task name {name!r}")
         with self._lock:

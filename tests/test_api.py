@@ -211,12 +211,12 @@ def test_metrics_count_requests(app_client):
 
 
 def test_module_cache_tiers_pinning_and_counts(tmp_path, tiny):
-    from service.registry import Registry
+    from service.loaded import LoadedModules
     from service.store import ModuleStore
 
     arts = {f"t{i}": _artifact(tiny, p=4) for i in range(4)}
     nbytes = 4 * 64 * 4  # one module: 4 x 64 float32
-    reg = Registry(ModuleStore(tmp_path), tiny, cache_bytes=2 * nbytes, host_cache_bytes=1 * nbytes,
+    reg = LoadedModules(ModuleStore(tmp_path), tiny, cache_bytes=2 * nbytes, host_cache_bytes=1 * nbytes,
                    pinned=frozenset({"t0"}))
     for name, blob in arts.items():
         reg.put(name, blob)  # a put loads the module too

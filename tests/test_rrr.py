@@ -429,7 +429,7 @@ def test_a_loaded_module_is_unchanged_by_requests_with_documents(tmp_path, tiny)
         assert c.post("/tasks/qa/documents", content=_jsonl(CORPUS[:6]), headers=JSONL).status_code < 300
         params = {"max_new_tokens": 3}
         first = c.post("/tasks/qa/infer", json={"inputs": "Which zebra is extinct?", "parameters": params}).json()
-        module = rt.registry.resolve("qa").module
+        module = rt.loaded.resolve("qa").module
         before = attributes(module)
         with ThreadPoolExecutor(3) as pool:
             answers = list(pool.map(lambda q: c.post("/tasks/qa/infer", json={"inputs": q, "parameters": params}),
@@ -443,6 +443,6 @@ def test_a_loaded_module_is_unchanged_by_requests_with_documents(tmp_path, tiny)
         second = c.post("/tasks/qa/infer", json={"inputs": "Which zebra is extinct?", "parameters": params}).json()
         assert "zebra2" not in [p["id"] for p in first["outputs"][0]["passages"]]
         assert "zebra2" in [p["id"] for p in second["outputs"][0]["passages"]]  # each request reads the newest
-        assert rt.registry.resolve("qa").module is module
+        assert rt.loaded.resolve("qa").module is module
         assert same_attributes(attributes(module), before)
         assert "documents" not in vars(module)

@@ -98,20 +98,20 @@ def test_names_never_become_paths_outside_the_store(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current.json", "store"]
 
 
-def test_at_start_the_registry_checks_sha256_and_writes_missing_manifests_without_loading(tmp_path, tiny):
+def test_at_start_the_loaded_modules_check_sha256_and_writes_missing_manifests_without_loading(tmp_path, tiny):
     from modules.core.artifact import read_artifact
     from modules.registry import kind_class
-    from service.registry import Registry
+    from service.loaded import LoadedModules
 
     blob = kind_class("prompt").new(tiny, {"num_virtual_tokens": 2}, template="{input}").to_artifact()
     store = ModuleStore(tmp_path)
     old = store.put("old", blob, "prompt")  # stored before manifests were kept beside artifacts
     bad = store.put("bad", blob, "prompt", read_artifact(blob)["module.json"])
     bad.path.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
-    registry = Registry(store, tiny)
-    registry.check_all()
+    loaded = LoadedModules(store, tiny)
+    loaded.check_all()
     assert store.read_manifest(old) == read_artifact(blob)["module.json"]
-    assert registry.status(old) == ("ready", None) and registry.loaded_count == 0
-    status, error = registry.status(bad)
+    assert loaded.status(old) == ("ready", None) and loaded.loaded_count == 0
+    status, error = loaded.status(bad)
     assert status == "unavailable" and "sha256" in error
-    assert registry.manifest(bad)["kind"] == "prompt"
+    assert loaded.manifest(bad)["kind"] == "prompt"

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import AdminDep, InferDep, ReaderDep, RuntimeDep
-from service.errors import TooLarge, UnsupportedMediaType
+from service.api.deps import AdminDep, InferDep, ReaderDep, RuntimeDep, read_body
+from service.errors import UnsupportedMediaType
 
 router = APIRouter(prefix="/tasks/{name}/documents", tags=["documents"])
 
@@ -82,15 +82,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if media not in MEDIA_TYPES:
         raise UnsupportedMediaType(f"send documents as JSON lines with content-type {' or '.join(MEDIA_TYPES)} "
                                    f"(got {media or 'none'!r})")
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"body is {declared} bytes; the limit is {limit}", code="body_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise TooLarge(f"body is over the limit of {limit} bytes", code="body_too_large")
-    return bytes(body)
+    return await read_body(request, limit, "body")
 
 
 _JSONL_BODY = {"requestBody": {"required": True, "content": {

@@ -1,7 +1,7 @@
 from fastapi import APIRouter, Request, Response
 
-from service.api.deps import AdminDep, ReaderDep, RuntimeDep
-from service.errors import Invalid, TooLarge
+from service.api.deps import AdminDep, ReaderDep, RuntimeDep, read_body
+from service.errors import Invalid
 from service.schemas import TaskList, TaskOut, Uploaded
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
@@ -20,14 +20,7 @@ def get_task(name: str, rt: RuntimeDep) -> TaskOut:
 
 async def _read_artifact(request: Request, limit: int) -> bytes:
     """The raw body, or the multipart field `file`; 413 past `limit` bytes (checked while reading)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"artifact is {declared} bytes; the limit is {limit}", code="artifact_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise TooLarge(f"artifact is over the limit of {limit} bytes", code="artifact_too_large")
+    body = await read_body(request, limit, "artifact")
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         request._body = bytes(body)  # let starlette parse what we already read
         form = await request.form(max_files=1, max_fields=8, max_part_size=limit)

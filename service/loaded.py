@@ -27,7 +27,7 @@ from service.errors import Conflict, Invalid, NotFound, Unavailable, from_artifa
 from service.schemas import NAME_PATTERN
 from service.store import ModuleStore, StoredModule, valid_name
 
-log = logging.getLogger("frozenlm.registry")
+log = logging.getLogger("frozenlm.loaded")
 
 BASE = "base"
 _JSON_BYTES = 1 << 20
@@ -38,7 +38,7 @@ MEMBERS: dict[str, int | None] = {
     MANIFEST_FILE: _JSON_BYTES, WEIGHTS_FILE: None, DOCUMENTS_FILE: None, VECTORS_FILE: None,
     peft.CONFIG_FILE: _JSON_BYTES, peft.WEIGHTS_FILE: None, "README.md": _JSON_BYTES}
 # An artifact unpacks to at most UNPACK_RATIO times its own size (float weights hardly compress; a
-# bomb of zeros does), at least UNPACK_FLOOR, and never more than the registry's max_artifact_bytes.
+# bomb of zeros does), at least UNPACK_FLOOR, and never more than the loaded modules' max_artifact_bytes.
 UNPACK_RATIO = 16
 UNPACK_FLOOR = 16 << 20
 
@@ -62,7 +62,7 @@ class _Host:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-class Registry:
+class LoadedModules:
     def __init__(self, store: ModuleStore, backbone: Backbone, cache_bytes: int = 1 << 30,
                  max_artifact_bytes: int = 512 * 1024 * 1024, host_cache_bytes: int = 4 << 30,
                  pinned: frozenset[str] = frozenset()):
