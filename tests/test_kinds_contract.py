@@ -22,7 +22,7 @@ from modules.core.decode import GenItem, Sampling, ScoreItem, score
 from modules.core.module import WEIGHTS_FILE
 from modules.core.retrieval import Retriever
 from modules.core.running import generate
-from modules.core.stages import prepare
+from modules.core.stages import Context, prepare
 from modules.kinds.base import NoModule
 from modules.kinds.rrr import Corpus
 from modules.registry import KINDS, kind_class, load_module
@@ -86,11 +86,9 @@ def _new(tiny, case: tuple[str, int], seed: int = 0):
 
 
 def _prepared(tiny, corpus, pairs):
-    """Each (module, text) prepared as the server does, probes of all rows batched."""
-    for m, _ in pairs:
-        if m.reads_documents:
-            m.documents = corpus
-    return prepare(tiny, [(m, m.encode(t)) for m, t in pairs])
+    """Each (module, text) prepared as the server does (the request's context brings the documents),
+    probes of all rows batched."""
+    return prepare(tiny, [(m, m.encode(t), Context(documents=corpus)) for m, t in pairs])
 
 
 def _label_scores(tiny, prepared):
@@ -151,14 +149,12 @@ def test_each_kind_changes_what_the_backbone_answers(tiny, corpus, every_kind, c
 @pytest.mark.parametrize("case", TRAINABLE, ids=IDS)
 def test_a_training_step_moves_the_module_and_nothing_of_the_backbone(tiny, corpus, case):
     m = _new(tiny, case, seed=7)
-    if m.reads_documents:
-        m.documents = corpus
     m.train()
     backbone = weights_digest(tiny.model)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     optim = torch.optim.Adam(m.parameters(), lr=1e-2)
     rows = [{"input": t, "label": ("yes", "no")[i % 2]} for i, t in enumerate(TEXTS)]
-    _Task(m, tiny).loss(rows).backward()
+    _Task(m, tiny, Context(documents=corpus)).loss(rows).backward()
     grads = {n: p.grad for n, p in m.named_parameters()}
     optim.step()
     moved = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}

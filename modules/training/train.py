@@ -53,7 +53,7 @@ from modules.core.calibration import label_probs
 from modules.core.decode import GenItem, Sampling, ScoreItem, score
 from modules.core.module import TaskModule
 from modules.core.running import generate
-from modules.core.stages import prepare
+from modules.core.stages import Context, prepare
 from modules.core.targets import select_linears
 from modules.kinds.sparse import SparseFisherConfig, SparseModule
 from modules.registry import kind_class
@@ -170,15 +170,16 @@ def default_labels(rows: list[dict]) -> dict[str, str] | None:
 class _Task:
     """Turns rows into scoring items for one module (labels or targets)."""
 
-    def __init__(self, module: TaskModule, backbone: Backbone):
-        self.module, self.backbone = module, backbone
+    def __init__(self, module: TaskModule, backbone: Backbone, context: Context | None = None):
+        self.module, self.backbone, self.context = module, backbone, context  # context: e.g. rrr's documents
         tok = backbone.tokenizer
         self.label_names = list(module.manifest.labels or {})
         eos = tok.eos_token_id
         self._target = lambda t: tok(t, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
 
     def items(self, rows: list[dict]) -> list[ScoreItem]:
-        prepared = prepare(self.backbone, [(self.module, self.module.encode(str(r["input"]))) for r in rows])
+        prepared = prepare(self.backbone, [(self.module, self.module.encode(str(r["input"])), self.context)
+                                           for r in rows])
         return [ScoreItem(p.ids, p.contribution,
                           self.module.label_ids if "label" in r else [self._target(str(r["target"]))])
                 for r, p in zip(rows, prepared)]
