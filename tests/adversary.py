@@ -10,16 +10,13 @@ unchanged).
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
-import sys
-import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from tests.server import server_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,45 +28,12 @@ class Served:
     store: Path
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def served(env: dict[str, str], store: Path, timeout: float = 300.0):
-    """A real `frozenlm serve` process on a free loopback port, ready; SIGTERM afterwards."""
-    port = _free_port()
-    full = {**os.environ, "FROZENLM_HOST": "127.0.0.1", "FROZENLM_PORT": str(port), "PYTHONUNBUFFERED": "1",
-            "FROZENLM_STORE_DIR": str(store), **env}
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen([sys.executable, "-m", "clients.cli", "serve"], cwd=ROOT, env=full,
-                                stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + timeout
-            while not _ready(url):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(f"server did not become ready:\n{log.read().decode()[-4000:]}")
-                time.sleep(0.3)
-            yield Served(url, proc.pid, store)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/readyz", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
+    """A real `frozenlm serve` process on a free loopback port with its store at `store`, ready;
+    SIGTERM afterwards."""
+    with server_process({"FROZENLM_STORE_DIR": str(store), **env}, timeout) as (url, proc):
+        yield Served(url, proc.pid, store)
 
 
 def assert_ready(url: str) -> None:

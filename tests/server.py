@@ -25,8 +25,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(env: dict[str, str] | None = None, timeout: float = 300.0):
-    """Yield the URL of a `frozenlm serve` process that is ready; stop it (SIGTERM) afterwards."""
+def server_process(env: dict[str, str] | None = None, timeout: float = 300.0):
+    """Yield (url, process) of a `frozenlm serve` process that is ready; stop it (SIGTERM) afterwards."""
     from clients import Client
 
     port = free_port()
@@ -44,10 +44,17 @@ def running_server(env: dict[str, str] | None = None, timeout: float = 300.0):
                         log.seek(0)
                         raise RuntimeError(f"server did not become ready:\n{log.read().decode()[-4000:]}")
                     time.sleep(0.3)
-            yield url
+            yield url, proc
         finally:
             proc.terminate()
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@contextmanager
+def running_server(env: dict[str, str] | None = None, timeout: float = 300.0):
+    """Yield the URL of a `frozenlm serve` process that is ready; stop it (SIGTERM) afterwards."""
+    with server_process(env, timeout) as (url, _):
+        yield url
