@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -341,7 +342,7 @@ class Client(_Base):
         return self._request("GET", f"/tasks/{name}/documents", params={"offset": offset, "limit": limit}).json()
 
     def get_document(self, name: str, doc_id: str) -> dict:
-        return self._request("GET", f"/tasks/{name}/documents/{doc_id}").json()
+        return self._request("GET", f"/tasks/{name}/documents/{quote(doc_id, safe='')}").json()
 
     def search_documents(self, name: str, query: str, k: int = 10, method: str = "hybrid") -> list[dict]:
         """[{id, score, title}] best first."""
@@ -447,7 +448,7 @@ class AsyncClient(_Base):
                                     params={"offset": offset, "limit": limit})).json()
 
     async def get_document(self, name: str, doc_id: str) -> dict:
-        return (await self._request("GET", f"/tasks/{name}/documents/{doc_id}")).json()
+        return (await self._request("GET", f"/tasks/{name}/documents/{quote(doc_id, safe='')}")).json()
 
     async def search_documents(self, name: str, query: str, k: int = 10, method: str = "hybrid") -> list[dict]:
         r = await self._request("GET", f"/tasks/{name}/documents/search",

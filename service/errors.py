@@ -60,6 +60,12 @@ class Invalid(ServiceError):
     status, code = 422, "invalid"
 
 
+class ClientGone(ServiceError):
+    """The client went away before its answer: nothing is sent (499, as nginx logs it)."""
+
+    status, code = 499, "client_closed_request"
+
+
 class Overloaded(ServiceError):
     status, code = 429, "overloaded"
 

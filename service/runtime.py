@@ -29,6 +29,7 @@ from service.continuous import ContinuousEngine
 from service.documents import Documents, Indexing
 from service.engine import Engine, Scored, label_cost
 from service.errors import (
+    ClientGone,
     Conflict,
     Invalid,
     NotFound,
@@ -320,11 +321,12 @@ class Runtime:
                     raise Timeout(f"request did not finish within {self.settings.request_timeout_s:g}s",
                                   code="deadline_exceeded")
                 if disconnected is not None and await disconnected():
-                    raise asyncio.CancelledError
+                    raise ClientGone("the client closed the connection", code="client_closed_request")
         except BaseException:
             for j in jobs:
                 j.cancel()
             waiting.cancel()
+            waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: nothing to log
             raise
 
     @staticmethod
@@ -399,6 +401,7 @@ class Runtime:
         task = asyncio.ensure_future(self._run(jobs))
 
         async def events() -> AsyncIterator[tuple[str, object]]:
+            getter = None
             try:
                 with metrics.track(resolved.name, resolved.module.kind):
                     while not (task.done() and pieces.empty()):
@@ -411,13 +414,14 @@ class Runtime:
                     results = task.result()
                 yield "done", self._response(resolved, jobs, results, t0)
             except Exception as e:  # noqa: BLE001 - the status line is sent already: report in-band
-
                 known = isinstance(e, ServiceError)
                 if not known:
                     log.exception("stream for task %s failed", name)
                 yield "error", {"code": e.code if known else "internal_error",
                                 "message": e.message if known else "internal server error"}
-            finally:
+            finally:  # also when the client goes away mid-stream (the generator is closed)
+                if getter is not None:
+                    getter.cancel()
                 task.cancel()
 
         return events()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, StrictInt, field_validator
 
 from modules.core.module import MAX_LABELS, Strict
 
@@ -46,12 +46,12 @@ class InferParameters(Strict):
         description="Answer choices (rank classification): each is scored as a continuation of the input, exactly "
                     "as given, as a task's labels are; the output's label is the most likely one and scores their "
                     "probabilities. Overrides a task's labels.")
-    logprobs: int | None = Field(
+    logprobs: StrictInt | None = Field(
         None, ge=0, le=MAX_LOGPROBS,
         description=f"Return each generated token's log probability and its k (0 to {MAX_LOGPROBS}) most likely "
                     "alternatives: the log-softmax of the model's logits, before temperature, top-k and top-p. "
                     "Generation tasks only (a task that scores labels answers with `scores`).")
-    n: int | None = Field(
+    n: StrictInt | None = Field(
         None, ge=1, le=MAX_SAMPLES,
         description=f"Samples per input (1 to {MAX_SAMPLES}), sharing one prefill of the input; sample i is seeded "
                     "seed + i. `outputs` then holds n outputs per input, input by input. Generation tasks only.")

@@ -1,8 +1,8 @@
 """Defects found by probing the new features (per-token logprobs, n samples, background document
 indexing) as a hostile or careless API user, against a real `frozenlm serve` on the tiny model.
 
-Each test states what should happen and is marked xfail(strict=True) until the defect is fixed:
-when a fix lands its test passes, the strict xfail turns red, and the marker should be removed."""
+Each test states what should happen; one still open is marked xfail(strict=True) until it is fixed
+(when a fix lands its test passes, the strict xfail turns red, and the marker goes)."""
 
 from __future__ import annotations
 
@@ -85,18 +85,25 @@ def _put_task(srv, name: str, tiny_served) -> None:
 # --- documents ------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="Client.get_document puts the id into the URL unencoded: ids the server "
-                                       "accepts ('..', '../x', '%2e%2e', 'a?b', 'a#b') fetch another resource")
-@pytest.mark.parametrize("doc_id", ["..", "../../gen", "%2e%2e", "a?b", "a#b"])
+@pytest.mark.parametrize("doc_id", [".", ".."])
+def test_dot_segments_are_no_document_ids(srv, tiny_served, doc_id):
+    """'.' and '..' cannot be a URL path segment (clients and proxies resolve them), so no client could
+    address such a document: the upload is refused."""
+    _put_task(srv, "dots", tiny_served)
+    try:
+        r = httpx.post(f"{srv.url}/tasks/dots/documents", content=json.dumps({"id": doc_id, "text": "t"}) + "\n",
+                       headers=NDJSON)
+        assert r.status_code == 422 and "reserved" in r.text, r.text
+    finally:
+        httpx.delete(f"{srv.url}/tasks/dots", headers=ADMIN)
+
+
+@pytest.mark.parametrize("doc_id", ["../../gen", "%2e%2e", "a?b", "a#b", ".../x"])
 def test_the_client_gets_every_document_id_the_server_accepts(srv, tiny_served, doc_id):
-    """POST accepts these ids (only `search`, `jobs` and `jobs/...` are reserved), and the server can
-    serve each one (GET /tasks/t/documents/%2E%2E answers document '..'), but Client.get_document
-    sends f"/tasks/{name}/documents/{doc_id}" as is: '..' returns the task's metadata (200, silently
-    the wrong object), '../../gen' a 404 for task 'gen', '%2e%2e' document '..' instead of '%2e%2e',
-    'a?b' document 'a' (or 404), 'a#b' document 'a'. It should percent-encode the id (every
-    character but unreserved ones, '.' and '..' as %2E)."""
+    """POST accepts these ids and Client.get_document fetches each one: it percent-encodes the id
+    (unencoded, '../../gen' reached task 'gen', '%2e%2e' document '..', 'a?b' and 'a#b' document 'a')."""
     _put_task(srv, "ids", tiny_served)
-    ids = list(dict.fromkeys([doc_id, "..", "a"]))  # the id, and those a wrong URL would reach instead
+    ids = list(dict.fromkeys([doc_id, "a", "gen"]))  # the id, and those a wrong URL would reach instead
     body = "".join(json.dumps({"id": i, "text": f"text of {i}"}) + "\n" for i in ids)
     assert httpx.post(f"{srv.url}/tasks/ids/documents", content=body, headers=NDJSON).status_code == 202
     with Client(srv.url, api_key=ADMIN_KEY) as c:
@@ -161,8 +168,6 @@ def test_a_superseded_dense_job_leads_to_the_job_that_computes_the_vectors(srv, 
 # --- parameters -----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="booleans pass as integers: logprobs=false returns logprobs (k=0), "
-                                       "n=true runs one sample; these should be 422")
 @pytest.mark.parametrize("field,value", [("logprobs", False), ("logprobs", True), ("n", True)])
 def test_a_boolean_for_an_integer_parameter_is_422(srv, field, value):
     """`{"parameters": {"logprobs": false}}` (a careless user meaning 'no logprobs') answers 200 with
@@ -174,15 +179,12 @@ def test_a_boolean_for_an_integer_parameter_is_422(srv, field, value):
     assert f"parameters.{field}" in r.json()["error"]["message"]
 
 
-@pytest.mark.xfail(strict=True, reason="/v1/completions reads logprobs=false as k=0 and returns logprobs")
 def test_openai_completions_logprobs_false_returns_no_logprobs(srv):
     r = httpx.post(f"{srv.url}/v1/completions", headers=ADMIN, timeout=60,
                    json={"model": "gen", "prompt": "hi", "max_tokens": 2, "logprobs": False})
     assert r.status_code == 422 or r.json()["choices"][0]["logprobs"] is None, r.text
 
 
-@pytest.mark.xfail(strict=True, reason="OpenAI's spec has n and stream nullable (integer or null / boolean "
-                                       "or null, defaults 1 / false); the server answers 422 to null")
 @pytest.mark.parametrize("path,body", [
     ("/v1/completions", {"model": "gen", "prompt": "hi", "max_tokens": 2, "n": None}),
     ("/v1/completions", {"model": "gen", "prompt": "hi", "max_tokens": 2, "stream": None}),
@@ -195,8 +197,6 @@ def test_openai_null_n_and_stream_take_their_defaults(srv, path, body):
     assert len(r.json()["choices"]) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="text_offset counts len(token) of U+FFFD placeholders, so byte-level "
-                                       "tokens of one character shift every later offset past the text")
 def test_openai_completions_text_offset_indexes_the_text(srv):
     """/v1/completions `logprobs`: `text_offset[i]` must be where token i's text starts in `text`
     (OpenAI's meaning; clients slice the text with it). A token holding part of a multi-byte
@@ -222,9 +222,6 @@ def test_openai_completions_text_offset_indexes_the_text(srv):
 # --- disconnects ----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a client that goes away is logged as ERRORs: 'Exception in ASGI "
-                                       "application' (CancelledError from runtime._wait), '_GatheringFuture "
-                                       "exception was never retrieved', 'Task was destroyed but it is pending'")
 def test_a_client_that_disconnects_logs_no_error(srv):
     """A client that gives up (a read timeout on a non-streamed n=16 request; closing an n=16
     stream after a few events) is routine: its rows are cancelled (frozenlm_cancelled_rows_total

@@ -243,14 +243,17 @@ _BYTE_OF: dict[str, int] | None = None  # byte-level BPE's printable stand-in ch
 def token_piece(tokenizer, token: int) -> tuple[str, bytes]:
     """A token's own text and its bytes, cached per tokenizer. A byte-level BPE token that holds
     part of a multi-byte character decodes to U+FFFD alone; its bytes come from its stand-in
-    characters (GPT-2's byte-to-unicode table) instead."""
+    characters (GPT-2's byte-to-unicode table) instead. A special token (e.g. `<pad>`) has neither
+    text nor bytes, as the generated text leaves it out: a row's tokens joined are its text."""
     global _BYTE_OF
     cache = _pieces.setdefault(tokenizer, {})
     if token in cache:
         return cache[token]
     text = tokenizer.decode([token])
     data = text.encode("utf-8")
-    if "\ufffd" in text:
+    if token in tokenizer.all_special_ids:
+        text, data = "", b""  # not in the generated text (decoded with skip_special_tokens); its id says which
+    elif "\ufffd" in text:
         if _BYTE_OF is None:
             from transformers.convert_slow_tokenizer import bytes_to_unicode
 

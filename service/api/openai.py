@@ -8,12 +8,13 @@ OpenAI's shapes, streamed too: the model's log-softmax before temperature, top-k
 
 from __future__ import annotations
 
+import codecs
 import time
 import uuid
 from typing import Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 from sse_starlette.sse import EventSourceResponse
 
 from service.api.deps import ReaderDep, RuntimeDep
@@ -42,9 +43,15 @@ class _Request(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    n: int = Field(1, ge=1, le=MAX_SAMPLES, description="Samples per prompt, sharing one prefill; sample i is "
-                                                        "seeded seed + i.")
-    stream: bool = False
+    n: StrictInt = Field(1, ge=1, le=MAX_SAMPLES, description="Samples per prompt, sharing one prefill; sample i is "
+                                                              "seeded seed + i.")
+    stream: StrictBool = False
+
+    @field_validator("n", "stream", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, v, info):
+        """OpenAI's API takes null for these and means the default."""
+        return cls.model_fields[info.field_name].default if v is None else v
 
     def parameters(self) -> InferParameters:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
@@ -57,8 +64,8 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: Inputs = Field(description=f"One prompt, or a list of prompts (max {MAX_INPUTS}).")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
-                                 description="Each token's logprob and the k most likely alternatives.")
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                       description="Each token's logprob and the k most likely alternatives.")
 
     def top_k_logprobs(self) -> int | None:
         return self.logprobs
@@ -74,8 +81,8 @@ class Message(BaseModel):
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = Field(None, description="Return each token's logprob.")
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+    logprobs: StrictBool | None = Field(None, description="Return each token's logprob.")
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                      description="With logprobs: the k most likely alternatives of each token.")
 
     @field_validator("messages")
@@ -111,22 +118,34 @@ def _finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def _completion_logprobs(tokens: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
+def _text_offsets(before: bytes, tokens: list[TokenLogprob], final: bool) -> list[int]:
+    """Where each token starts in the text: the index of the character its first byte belongs to.
+    `before`: the bytes of the text before these tokens; `final`: these tokens end the text (else a
+    character they leave incomplete is not in the text yet)."""
+    data = before + b"".join(bytes(t.bytes) for t in tokens)
+    text = codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=final)
+    out, at = [], len(before)
+    for t in tokens:
+        head = data[:at].decode("utf-8", "replace")
+        out.append(len(head) - (0 if text.startswith(head) else 1))  # else: it starts inside a character
+        at += len(t.bytes)
+    return out
+
+
+def _completion_logprobs(tokens: list[TokenLogprob] | None, before: bytes = b"", final: bool = True) -> dict | None:
     """The completions API's logprobs: the top_logprobs of a token hold its k alternatives and the
-    token itself (up to k + 1 entries, keyed by text, as OpenAI's); text_offset counts from `offset`."""
+    token itself (up to k + 1 entries, keyed by text, as OpenAI's); text_offset as `_text_offsets`."""
     if tokens is None:
         return None
-    offsets, top = [], []
+    top = []
     for t in tokens:
-        offsets.append(offset)
-        offset += len(t.token)
         alternatives = {}
         for a in t.top_logprobs:
             alternatives.setdefault(a.token, a.logprob)
         alternatives.setdefault(t.token, t.logprob)
         top.append(alternatives)
     return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": top, "text_offset": offsets}
+            "top_logprobs": top, "text_offset": _text_offsets(before, tokens, final)}
 
 
 def _chat_logprobs(tokens: list[TokenLogprob] | None) -> dict | None:
@@ -157,12 +176,12 @@ async def completions(req: CompletionRequest, rt: RuntimeDep, request: Request):
         if len(prompts) != 1:
             raise Invalid("streaming takes a single prompt", code="invalid_request")
 
-        offsets: dict[int, int] = {}  # choice -> characters of its tokens so far (text_offset)
+        sent: dict[int, bytes] = {}  # choice -> the bytes of its tokens so far (text_offset)
 
         def chunk(index: int, text: str, tokens: list[TokenLogprob] | None, finish: str | None) -> dict:
-            logprobs = _completion_logprobs(tokens, offsets.get(index, 0))
+            logprobs = _completion_logprobs(tokens, sent.get(index, b""), final=finish is not None)
             if logprobs is not None:
-                offsets[index] = offsets.get(index, 0) + sum(len(t.token) for t in tokens)
+                sent[index] = sent.get(index, b"") + b"".join(bytes(t.bytes) for t in tokens)
             return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
                     "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
 

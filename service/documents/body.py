@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from modules.core.retrieval import DOCUMENTS_FILE, VECTORS_FILE, Document, read_vectors
 from service.errors import Invalid
 
-RESERVED_IDS = frozenset({"search", "jobs"})  # GET .../documents/search and .../documents/jobs are not documents
+# GET .../documents/search and .../documents/jobs are not documents; "." and ".." are no URL path segment
+RESERVED_IDS = frozenset({"search", "jobs", ".", ".."})
 
 
 class DocumentIn(BaseModel):
@@ -36,7 +37,7 @@ class DocumentIn(BaseModel):
         if any(ord(c) < 32 or ord(c) == 127 for c in v):
             raise ValueError("id must not hold control characters")
         if v in RESERVED_IDS or v.startswith("jobs/"):
-            raise ValueError(f"id {v!r} is reserved (search, jobs and jobs/...)")
+            raise ValueError(f"id {v!r} is reserved (search, jobs, jobs/..., . and ..)")
         return v
 
     @field_validator("text")
