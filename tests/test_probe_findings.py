@@ -1,8 +1,7 @@
 """Defects found by probing the new features (per-token logprobs, n samples, background document
 indexing) as a hostile or careless API user, against a real `frozenlm serve` on the tiny model.
 
-Each test states what should happen; one still open is marked xfail(strict=True) until it is fixed
-(when a fix lands its test passes, the strict xfail turns red, and the marker goes)."""
+Each test states what should happen; all were red before their fixes."""
 
 from __future__ import annotations
 
@@ -114,9 +113,6 @@ def test_the_client_gets_every_document_id_the_server_accepts(srv, tiny_served, 
     assert got == {"id": doc_id, "text": f"text of {doc_id}", "title": None}
 
 
-@pytest.mark.xfail(strict=True, reason="a dense job superseded by a BM25-only upload points (superseded_by) at "
-                                       "a job that computes no dense vectors; wait_documents returns while "
-                                       "the dense index is still being built by a third, unlinked job")
 def test_a_superseded_dense_job_leads_to_the_job_that_computes_the_vectors(srv, tiny_served):
     """A task whose module does not retrieve densely (`gen2`): its uploads' jobs are `dense: false`
     (done at once). A dense search starts a dense job J1 and waits for it. Documents posted while J1

@@ -190,7 +190,11 @@ class Indexer:
     def create(self, task: str, generation: Generation, dense: bool, added: int = 0, replaced: int = 0) -> IndexJob:
         """A job for the task's new latest generation (call with the task's lock held). Without
         `dense` it is done at once (BM25 was built with the documents). Unfinished jobs of the task
-        are superseded by it."""
+        are superseded by it; when one of them computes dense vectors, so does this one (the work a
+        dense search or retrieval waits for continues here, where `superseded_by` leads)."""
+        with self._cond:
+            older = [j for j in self._jobs.values() if j.task == task and not j.finished]
+        dense = dense or any(j.dense for j in older)
         job = IndexJob(uuid.uuid4().hex[:16], task, generation.number, generation.uid, dense, len(generation.docs),
                        added, replaced)
         if not dense or generation.dense:
