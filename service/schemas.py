@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, Field, StrictInt, field_validator
+from pydantic import AfterValidator, BaseModel, Field, StrictInt, field_validator, model_validator
 
 from modules.core.module import MAX_LABELS, Strict
 
@@ -12,6 +12,7 @@ NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"  # a task name matches it in full (r
 
 
 MAX_INPUTS = 64  # texts in one request, on every API
+MAX_SEED = 2**63 - 1
 MAX_LOGPROBS = 20  # most likely alternatives per generated token (parameters.logprobs, OpenAI top_logprobs)
 MAX_SAMPLES = 16  # samples per input (parameters.n, OpenAI n)
 
@@ -40,7 +41,7 @@ class InferParameters(Strict):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, le=100000, description="0 means no top-k filtering.")
     stop: list[Text] | None = Field(None, max_length=16, description="Stop strings (not included in the text).")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling; same seed, same text.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed for sampling; same seed, same text.")
     choices: list[Text] | None = Field(
         None, min_length=2, max_length=MAX_LABELS,
         description="Answer choices (rank classification): each is scored as a continuation of the input, exactly "
@@ -69,6 +70,13 @@ class InferParameters(Strict):
         if v is not None and (any(not c or len(c) > 256 for c in v) or len(set(v)) < len(v)):
             raise ValueError("choices must be distinct strings of 1 to 256 characters")
         return v
+
+    @model_validator(mode="after")
+    def _seeds_of_samples(self) -> "InferParameters":
+        """Sample i is seeded seed + i: every one of them must be a valid seed."""
+        if self.seed is not None and self.n is not None and self.seed + self.n - 1 > MAX_SEED:
+            raise ValueError(f"seed + n - 1 must be at most {MAX_SEED} (sample i is seeded seed + i)")
+        return self
 
 
 class InferRequest(Strict):

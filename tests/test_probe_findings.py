@@ -241,3 +241,19 @@ def test_a_client_that_disconnects_logs_no_error(srv):
             break
         time.sleep(0.1)
     assert srv.log_errors()[before:] == []
+
+
+def test_every_samples_seed_must_be_valid(srv):
+    """Sample i is seeded seed + i, so seed + n - 1 must itself be a valid seed (else sample i could
+    never be reproduced alone)."""
+    body = {"inputs": "hi", "parameters": {"max_new_tokens": 2, "temperature": 1.0, "n": 4, "seed": 2**63 - 2}}
+    r = httpx.post(f"{srv.url}/tasks/gen/infer", json=body, headers=ADMIN, timeout=60)
+    assert r.status_code == 422 and "seed + n - 1" in r.text, r.text
+    body["parameters"]["seed"] = 2**63 - 4
+    assert httpx.post(f"{srv.url}/tasks/gen/infer", json=body, headers=ADMIN, timeout=60).status_code == 200
+
+
+def test_every_samples_seed_must_be_valid_on_openai(srv):
+    body = {"model": "gen", "prompt": "hi", "max_tokens": 2, "n": 4, "seed": 2**63 - 2}
+    r = httpx.post(f"{srv.url}/v1/completions", json=body, headers=ADMIN, timeout=60)
+    assert r.status_code == 422 and "seed + n - 1" in r.text, r.text
