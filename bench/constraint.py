@@ -5,12 +5,13 @@ The denominator is a decode step of the engine's running batch (`modules.core.ru
 every row generating, no constraint). The numerator is what a constrained step adds, measured in a
 decode loop over the same backbone where every row is constrained and sampled (temperature 0.8, so
 rows differ): computing each row's token mask (llguidance), applying it to the logits, and
-advancing each row's matcher by its token (masks one row after the other, the default; with 8 rows
-also in llguidance's thread pool, for comparison). A row whose grammar completes starts over, so every step
-of the run has all its rows constrained. Three constraints: a JSON schema, a regex, any JSON object.
-The unconstrained step is measured right before each constrained run, so that both see the same
-load of a shared machine. Also reported: the compile time of each constraint (cold: its first mask included) and of
-llguidance's view of the tokenizer (once per backbone).
+advancing each row's matcher by its token. Masks are computed one row after the other (the
+default); with 8 rows, also in llguidance's thread pool, for comparison. A row whose grammar
+completes starts over, so every step of the run has all its rows constrained. Three constraints:
+a JSON schema, a regex, any JSON object. The unconstrained step is measured right before each
+constrained run, so that both see the same load of a shared machine. Also reported: the compile
+time of each constraint (cold: its first mask included) and of llguidance's view of the tokenizer
+(once per backbone).
 
     .venv/bin/python bench/constraint.py [--steps 48] [--batches 1 8]
 
