@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import re
 import threading
+from concurrent.futures import Future
+from types import SimpleNamespace
 
 import jsonschema
 import llguidance
@@ -15,7 +17,7 @@ import pytest
 import regex
 import torch
 
-from modules.core.constraint import Constraint, ConstraintError, Grammars, grammars_for, mask_logits
+from modules.core.constraint import Constraint, ConstraintError, Grammars, apply_bitmask, grammars_for, mask_logits
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 12},
@@ -40,11 +42,11 @@ def allowed_ids(m, vocab=None) -> list[int]:
 
 def check(constraint: Constraint, text: str) -> None:
     """The text matches the constraint (raises otherwise)."""
-    if constraint.kind == "regex":
+    if constraint.type == "regex":
         assert re.fullmatch(constraint.spec, text), text
         return
     value = json.loads(text)
-    if constraint.kind == "json_schema":
+    if constraint.type == "json_schema":
         jsonschema.validate(value, constraint.spec)
     else:
         assert isinstance(value, dict), text
@@ -143,7 +145,8 @@ def test_fork_is_an_independent_copy(tiny):
     assert f.is_terminated()
 
 
-def test_mask_logits_changes_only_the_constrained_rows(tiny):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # masked with numpy / with torch
+def test_mask_logits_changes_only_the_constrained_rows(tiny, dtype):
     """Rows [schema, free, regex, free] of a (4, V + 7) batch (a head wider than the tokenizer): the
     free rows are untouched, bit for bit; a constrained row keeps its allowed logits as they were
     and gets -inf everywhere else, the padded tail included."""
@@ -151,7 +154,7 @@ def test_mask_logits_changes_only_the_constrained_rows(tiny):
     V = g.vocab_size + 7
     ms = [g.matcher(Constraint.json_schema(PERSON)), None, g.matcher(Constraint.regex(PHONE)), None]
     ms[0].advance(tok_id(tiny, "{"))
-    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(0)).to(dtype)
     before = logits.clone()
     assert mask_logits(logits, ms) == [None] * 4
     for r in (1, 3):
@@ -164,13 +167,31 @@ def test_mask_logits_changes_only_the_constrained_rows(tiny):
     assert allowed_ids(ms[0]) == [tok_id(tiny, '"')]  # {"name" comes first: the schema's order
 
 
-def test_mask_logits_reports_a_row_with_no_token_the_head_can_produce(tiny):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_logits_reports_a_row_with_no_token_the_head_can_produce(tiny, dtype):
     g = grammars_for(tiny)
     z = tok_id(tiny, "z")
-    logits = torch.zeros(2, z)  # a head narrower than the tokenizer: "z" is past it
+    logits = torch.zeros(2, z, dtype=dtype)  # a head narrower than the tokenizer: "z" is past it
     errors = mask_logits(logits, [g.matcher(Constraint.regex("z")), g.matcher(Constraint.regex("a"))])
     assert isinstance(errors[0], ConstraintError) and "no token" in str(errors[0])
     assert errors[1] is None and torch.isfinite(logits[1]).sum() == 1
+
+
+@pytest.mark.parametrize("width", [1000, 1003, 1040])
+def test_numpy_and_torch_masking_agree_bit_for_bit(width):
+    """Random bitmasks over a 1,003-token vocabulary, heads narrower, equal and wider: both ways of
+    masking leave the same logits finite, and exactly the tokens whose bit is set."""
+    n, rows = 1003, [0, 2, 3]
+    bits = torch.randint(-2**31, 2**31 - 1, (3, (n + 31) // 32), dtype=torch.int32, generator=torch.Generator().manual_seed(width))
+    expected = torch.zeros(4, width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        for t in range(min(n, width)):
+            expected[r, t] = bool((int(bits[i, t // 32]) >> (t % 32)) & 1)
+    expected[1] = True  # a free row
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.zeros(4, width, dtype=dtype)
+        assert apply_bitmask(logits, rows, bits, n) == [False] * 3
+        assert torch.equal(torch.isfinite(logits), expected), dtype
 
 
 def test_mask_logits_with_no_constrained_row_does_nothing(tiny):
@@ -230,7 +251,7 @@ def test_rows_in_a_mixed_batch_decode_as_they_do_alone(tiny):
     (Constraint.regex(r"(a)\1"), "backreferences are not supported"),
     (Constraint.json_schema([{"type": "string"}]), "json_schema must be a JSON object"),
     (Constraint.regex(""), "regex must be a non-empty string"),
-    (Constraint("xml", "<a/>"), "unknown constraint kind 'xml'"),
+    (Constraint("xml", "<a/>"), "unknown constraint type 'xml'"),
     (Constraint.json_schema({"type": "number", "maximum": float("nan")}), "not JSON"),
 ])
 def test_a_constraint_the_engine_cannot_compile_names_the_problem(tiny, constraint, message):
@@ -285,6 +306,21 @@ def test_a_compile_past_the_time_limit_is_abandoned_then_cached_when_it_ends(tin
     g.compile_timeout_s = 30
     assert g.compile(c).matcher().allowed().sum() == 10
     assert g.compile(c) is g.compile(c) and builds == [c.key]
+
+
+def test_a_compile_done_before_its_callback_is_registered_is_cached(tiny):
+    """A build can end before `compile` registers the callback that caches it (the callback then
+    runs at once, in the caller): it must not wait for the lock the caller held."""
+    g = Grammars(tiny.tokenizer)
+
+    def submit(fn, *args):
+        done = Future()
+        done.set_result(fn(*args))
+        return done
+
+    g._pool = SimpleNamespace(submit=submit)
+    c = Constraint.regex("a")
+    assert g.compile(c) is g.compile(c)
 
 
 def test_the_cache_keeps_failures_and_evicts_the_least_recent(tiny):
@@ -347,7 +383,7 @@ def test_real_backbone_outputs_validate_greedy_and_sampled(real_backbone):
     assert decode(bb, prompt, [None], max_new=48)[0] == greedy[3]
     sampled = decode(bb, prompt, BOUNDED * 2, max_new=96, temperature=0.8, seed=1)
     for c, (ids, finish) in zip(rows[:3] + BOUNDED * 2, greedy[:3] + sampled):
-        if c.kind != "json_object":
+        if c.type != "json_object":
             assert finish == "stop"
         if finish == "stop":
             check(c, bb.tokenizer.decode(ids))

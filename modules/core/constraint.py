@@ -1,7 +1,7 @@
 """Structured output: a per-row grammar that masks the tokens a row may generate next.
 
 A constraint is a JSON schema, a regular expression, or "any JSON object". It is compiled once per
-backbone (an LRU keyed by its kind and canonical JSON), then each constrained row gets its own
+backbone (an LRU keyed by its type and canonical JSON), then each constrained row gets its own
 `Matcher`, which says which tokens may come next and follows the row's tokens:
 
     grammars = grammars_for(backbone)
@@ -42,9 +42,10 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
+import numpy as np
 import torch
 
-KINDS = ("json_schema", "regex", "json_object")
+TYPES = ("json_schema", "regex", "json_object")  # as OpenAI's response_format names them
 
 # The JSON llguidance writes: json.dumps's separators and no other whitespace. Free whitespace lets
 # a small model write newlines or spaces for ever; a schema may still ask for it with
@@ -65,10 +66,10 @@ class ConstraintError(ValueError):
 
 @dataclass(frozen=True, eq=False)
 class Constraint:
-    """What a row's output must match: kind "json_schema" (spec: the schema, a dict), "regex" (spec:
+    """What a row's output must match: type "json_schema" (spec: the schema, a dict), "regex" (spec:
     the pattern, matched in full, Rust `regex` syntax) or "json_object" (any JSON object; no spec)."""
 
-    kind: str
+    type: str
     spec: Any = None
 
     @classmethod
@@ -85,23 +86,23 @@ class Constraint:
 
     @property
     def key(self) -> str:
-        """The cache key: the kind and the spec's canonical JSON. Canonical means compact, not
+        """The cache key: the type and the spec's canonical JSON. Canonical means compact, not
         key-sorted: a schema's property order is the order the output writes them in."""
-        if self.kind not in KINDS:
-            raise ConstraintError(f"unknown constraint kind {self.kind!r}; known: {', '.join(KINDS)}")
-        if self.kind == "json_schema" and not isinstance(self.spec, dict):
+        if self.type not in TYPES:
+            raise ConstraintError(f"unknown constraint type {self.type!r}; known: {', '.join(TYPES)}")
+        if self.type == "json_schema" and not isinstance(self.spec, dict):
             raise ConstraintError(f"json_schema must be a JSON object, got {type(self.spec).__name__}")
-        if self.kind == "regex" and (not isinstance(self.spec, str) or not self.spec):
+        if self.type == "regex" and (not isinstance(self.spec, str) or not self.spec):
             raise ConstraintError("regex must be a non-empty string")
-        if self.kind == "json_object" and self.spec is not None:
+        if self.type == "json_object" and self.spec is not None:
             raise ConstraintError("json_object takes no spec")
         try:
             text = json.dumps(self.spec, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except RecursionError:
-            raise ConstraintError(f"the {self.kind} is nested too deeply") from None
+            raise ConstraintError(f"the {self.type} is nested too deeply") from None
         except (TypeError, ValueError) as e:
-            raise ConstraintError(f"the {self.kind} is not JSON: {e}") from None
-        return f"{self.kind}:{text}"
+            raise ConstraintError(f"the {self.type} is not JSON: {e}") from None
+        return f"{self.type}:{text}"
 
 
 def _engine_message(error: str) -> str:
@@ -217,11 +218,12 @@ class Grammars:
     def compile(self, constraint: Constraint) -> Grammar:
         """The compiled grammar of `constraint`, from the cache when it is there. Raises
         ConstraintError (naming the problem) for an invalid, too large, unsupported or too slow one."""
-        key = constraint.key  # validates the kind and spec
-        size = len(key.encode()) - len(constraint.kind) - 1
+        key = constraint.key  # validates the type and spec
+        size = len(key.encode()) - len(constraint.type) - 1
         if size > self.max_spec_bytes:
-            raise ConstraintError(f"the {constraint.kind} is {size} bytes as JSON; the limit is {self.max_spec_bytes}")
+            raise ConstraintError(f"the {constraint.type} is {size} bytes as JSON; the limit is {self.max_spec_bytes}")
         tok = self.tokenizer  # outside the timed part
+        started = False
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
@@ -230,12 +232,14 @@ class Grammars:
                 fut = self._inflight.get(key)
                 if fut is None:
                     fut = self._inflight[key] = self._pool.submit(self._build, constraint, tok)
-                    fut.add_done_callback(lambda f, key=key: self._store(key, f))
+                    started = True
+        if started:  # outside the lock: a future already done runs its callback here, at once
+            fut.add_done_callback(lambda f, key=key: self._store(key, f))
         if hit is None:
             try:
                 hit = fut.result(timeout=self.compile_timeout_s)
             except FutureTimeout:
-                raise ConstraintError(f"the {constraint.kind} took longer than {self.compile_timeout_s:g} s "
+                raise ConstraintError(f"the {constraint.type} took longer than {self.compile_timeout_s:g} s "
                                       f"to compile") from None
         if isinstance(hit, ConstraintError):
             raise ConstraintError(str(hit))
@@ -254,11 +258,11 @@ class Grammars:
     def _build(self, c: Constraint, tok: llguidance.LLTokenizer) -> Grammar | ConstraintError:
         """Compile in a worker thread; a spec the engine rejects comes back as a ConstraintError."""
         try:
-            if c.kind == "regex":
+            if c.type == "regex":
                 grammar = llguidance.LLMatcher.grammar_from_regex(c.spec)
             else:
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                    c.spec if c.kind == "json_schema" else ANY_OBJECT, defaults=JSON_OPTIONS)
+                    c.spec if c.type == "json_schema" else ANY_OBJECT, defaults=JSON_OPTIONS)
             m = llguidance.LLMatcher(tok, grammar, log_level=0, limits=self.limits)
             if not m.is_error():  # the first mask builds the lexer's first states: a blow-up shows here
                 bits = torch.empty(_words(tok.vocab_size), dtype=torch.int32)
@@ -266,9 +270,9 @@ class Grammars:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # noqa: BLE001 - ValueError for a bad spec; a Rust panic is a BaseException
-            return ConstraintError(f"the {c.kind} cannot be compiled: {_engine_message(str(e))}")
+            return ConstraintError(f"the {c.type} cannot be compiled: {_engine_message(str(e))}")
         if m.is_error():
-            return ConstraintError(f"the {c.kind} cannot be compiled: {_engine_message(m.get_error())}")
+            return ConstraintError(f"the {c.type} cannot be compiled: {_engine_message(m.get_error())}")
         return Grammar(c, m, tok.vocab_size)
 
     def matcher(self, constraint: Constraint) -> Matcher:
@@ -317,17 +321,17 @@ def _widen(allowed: torch.Tensor, width: int) -> torch.Tensor:
 _EXECUTOR: llguidance.LLExecutor | None = None
 
 
-def fill_bitmask(matchers: Sequence[Matcher], parallel: bool | None = None
+def fill_bitmask(matchers: Sequence[Matcher], parallel: bool = False
                  ) -> tuple[torch.Tensor, list[ConstraintError | None]]:
     """The masks of `matchers` (which share one tokenizer), (len, words) int32 on the CPU, and each
-    row's error (None when it can go on). `parallel`: computed by llguidance's thread pool (default:
-    when there are several), else one after the other in this thread."""
+    row's error (None when it can go on). One after the other in this thread, or with `parallel`
+    in llguidance's thread pool (slower for 8 rows on a busy 2-core machine: bench/constraint.py)."""
     global _EXECUTOR
     n = matchers[0].vocab_size
     if any(m.vocab_size != n for m in matchers):
         raise ValueError("the matchers of one batch must share a tokenizer")
     bits = torch.empty(len(matchers), _words(n), dtype=torch.int32)
-    if not (len(matchers) > 1 if parallel is None else parallel):
+    if not parallel:
         for i, m in enumerate(matchers):
             m._m.unsafe_compute_mask_ptr(bits[i].data_ptr(), bits.shape[1] * 4)
     else:
@@ -339,7 +343,8 @@ def fill_bitmask(matchers: Sequence[Matcher], parallel: bool | None = None
     return bits, errors
 
 
-def mask_logits(logits: torch.Tensor, matchers: Sequence[Matcher | None]) -> list[ConstraintError | None]:
+def mask_logits(logits: torch.Tensor, matchers: Sequence[Matcher | None], parallel: bool = False
+                ) -> list[ConstraintError | None]:
     """Mask, in place, the logits (rows, V) of the rows that have a matcher (`matchers[r]`, None for a
     free row, whose logits stay as they are): a token the row's grammar does not allow gets -inf,
     as does every token past the tokenizer's vocabulary when V is larger (a padded head).
@@ -353,17 +358,34 @@ def mask_logits(logits: torch.Tensor, matchers: Sequence[Matcher | None]) -> lis
         return errors
     if logits.dim() != 2 or logits.shape[0] != len(matchers):
         raise ValueError(f"logits must be (rows, V) with one row per matcher, got {tuple(logits.shape)}")
-    bits, errs = fill_bitmask([matchers[r] for r in rows])
+    bits, errs = fill_bitmask([matchers[r] for r in rows], parallel)
     empty = apply_bitmask(logits, rows, bits, matchers[rows[0]].vocab_size)
     for i, r in enumerate(rows):
         errors[r] = errs[i] or (ConstraintError("the grammar allows no token the model can produce") if empty[i] else None)
     return errors
 
 
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
 def apply_bitmask(logits: torch.Tensor, rows: Sequence[int], bits: torch.Tensor, vocab_size: int) -> list[bool]:
     """The masking half of `mask_logits`: `bits[i]` (a CPU bitmask over the tokenizer's `vocab_size`)
-    masks `logits[rows[i]]` in place. Returns, per row, whether nothing is left allowed."""
+    masks `logits[rows[i]]` in place. Returns, per row, whether nothing is left allowed.
+
+    CPU logits are masked with numpy, in this thread: torch's intra-op threads would each wait for
+    the others on every small op, which costs far more than the work on a busy machine. Other
+    devices get the bitmask copied over and unpacked there."""
     V = logits.shape[1]
+    if logits.device.type == "cpu" and logits.dtype in _NUMPY_DTYPES and not logits.requires_grad:
+        k = min(vocab_size, V)
+        banned = np.unpackbits(np.invert(bits.numpy()).view(np.uint8), axis=1, count=vocab_size,
+                               bitorder="little").view(bool)                                     # (len(rows), n)
+        out, empty = logits.numpy(), []
+        for i, r in enumerate(rows):
+            np.copyto(out[r, :k], -np.inf, where=banned[i, :k])
+            out[r, k:] = -np.inf
+            empty.append(bool(banned[i, :k].all()))
+        return empty
     allowed = _widen(unpack(bits.to(logits.device, non_blocking=True), vocab_size), V)       # (len(rows), V)
     idx = torch.tensor(rows, device=logits.device)
     logits.index_copy_(0, idx, logits.index_select(0, idx).masked_fill_(~allowed, float("-inf")))
