@@ -148,11 +148,12 @@ def constraint(r: dict) -> str:
              f"and sampled; grammar engine llguidance {r['llguidance']}; {r['machine']}. Constraint cost = token "
              f"masks + masking the logits + advancing the matchers, per step; ratio = that / an unconstrained "
              f"decode step of the running batch.", "",
-             "| rows | constraint | step, free (ms) | masks (ms) | masking (ms) | advance (ms) | constraint / step |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+             "| rows | constraint | step, free (ms) | masks (ms) | masks, parallel (ms) | masking (ms) | advance (ms) "
+             "| constraint / step |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for b, v in r["results"].items():
         for kind, k in v["constraints"].items():
-            lines.append(f"| {b} | {kind} | {v['free_step_ms']} | {k['fill_ms']} | {k['apply_ms']} | "
+            par = "-" if k["fill_ms_parallel"] is None else k["fill_ms_parallel"]
+            lines.append(f"| {b} | {kind} | {k['free_step_ms']} | {k['fill_ms']} | {par} | {k['apply_ms']} | "
                          f"{k['advance_ms']} | {k['ratio']} |")
     comp = ", ".join(f"{k} {v} ms" for k, v in r["compile_ms"].items())
     lines += ["", f"Compile, cold (first mask included): {comp}; llguidance's tokenizer view, once per backbone: "
