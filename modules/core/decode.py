@@ -235,7 +235,7 @@ class _RowState:
             if self.matcher is not None and tok not in self.eos:
                 try:
                     self.matcher.advance(tok)
-                except ConstraintError as e:  #: the token does not match (never, once masked)
+                except ConstraintError as e:  # the token does not match (never happens once masked)
                     self.fail(RowError(f"structured output failed: {e}"))
                     return
                 complete = self.matcher.is_terminated()
