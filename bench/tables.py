@@ -142,9 +142,28 @@ def n_samples(r: dict) -> str:
     return "\n".join(lines)
 
 
+def constraint(r: dict) -> str:
+    """bench/constraint.py: structured output's cost per decode step (the same table as its `table`)."""
+    lines = [f"Embedded backbone ({r['backbone']}), {r['steps']} decode steps per setting, every row constrained "
+             f"and sampled; grammar engine llguidance {r['llguidance']}; {r['machine']}. Constraint cost = token "
+             f"masks + masking the logits + advancing the matchers, per step; ratio = that / an unconstrained "
+             f"decode step of the running batch.", "",
+             "| rows | constraint | step, free (ms) | masks (ms) | masks, parallel (ms) | masking (ms) | advance (ms) "
+             "| constraint / step |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for b, v in r["results"].items():
+        for kind, k in v["constraints"].items():
+            par = "-" if k["fill_ms_parallel"] is None else k["fill_ms_parallel"]
+            lines.append(f"| {b} | {kind} | {k['free_step_ms']} | {k['fill_ms']} | {par} | {k['apply_ms']} | "
+                         f"{k['advance_ms']} | {k['ratio']} |")
+    comp = ", ".join(f"{k} {v} ms" for k, v in r["compile_ms"].items())
+    lines += ["", f"Compile, cold (first mask included): {comp}; llguidance's tokenizer view, once per backbone: "
+                  f"{r['tokenizer_ms']} ms."]
+    return "\n".join(lines)
+
+
 TABLES = {"mixed_batch": mixed_batch, "sst2_http": sst2_http, "squad_rrr": squad_rrr, "continuous": continuous,
           "calibration": calibration, "choices": choices, "p3_idpt": p3_idpt, "recursion": recursion,
-          "n_samples": n_samples}
+          "n_samples": n_samples, "constraint": constraint}
 
 
 if __name__ == "__main__":

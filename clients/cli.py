@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def _client(args):
@@ -80,7 +81,8 @@ def cmd_infer(args) -> int:
     params = {k: v for k, v in {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                                 "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
                                 "stop": args.stop, "choices": args.choice,
-                                "logprobs": args.logprobs, "n": args.n}.items() if v is not None}
+                                "logprobs": args.logprobs, "n": args.n, "regex": args.regex,
+                                "json_schema": _json_arg(args.json_schema, "--json-schema")}.items() if v is not None}
     with _client(args) as c:
         res = c.infer(args.name, args.text, **params)
     if args.json:
@@ -96,6 +98,17 @@ def cmd_infer(args) -> int:
                 print(out.text)
             _print_logprobs(out.logprobs)
     return 0
+
+
+def _json_arg(value: str | None, option: str):
+    """An option's JSON, given inline or as @FILE."""
+    if value is None:
+        return None
+    text = Path(value[1:]).read_text() if value.startswith("@") else value
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{option} is not JSON: {e}") from None
 
 
 def _print_logprobs(tokens) -> None:
@@ -353,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--logprobs", type=int, metavar="K",
                    help="print each generated token's logprob and its K most likely alternatives (0-20)")
     s.add_argument("-n", type=int, help="samples of the input (1-16), sharing one prefill; sample i seeded seed + i")
+    s.add_argument("--json-schema", metavar="SCHEMA",
+                   help="structured output: the text is JSON valid against this schema (JSON, or @FILE)")
+    s.add_argument("--regex", help="structured output: the text matches this regular expression in full")
     s.add_argument("--json", action="store_true", help="print the whole response")
     s.set_defaults(func=cmd_infer)
 

@@ -301,6 +301,9 @@ class Client(_Base):
         self._request("DELETE", f"/tasks/{name}")
 
     def infer(self, name: str, inputs: str | list[str], **parameters) -> InferResult:
+        """Run a task on a text or a list of texts. `parameters` are /infer's: max_new_tokens,
+        temperature, top_p, top_k, seed, stop, choices, logprobs, n, and structured output with
+        json_schema (a dict) or regex (a str): the text then parses (or finish_reason is "length")."""
         r = self._request("POST", f"/tasks/{name}/infer", json=_infer_body(inputs, parameters),
                           headers=_task_header(name))
         return InferResult.of(r.json())

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from modules.core.artifact import ArtifactError
 from modules.core.backbone import Backbone
+from modules.core.constraint import Constraint, ConstraintError, grammars_for
 from modules.core.decode import Sampling
 from modules.core.module import MAX_LABEL_TOKENS
 from modules.core.stages import Context
@@ -259,10 +260,12 @@ class Runtime:
         n = p.n or 1
         if labels or module.manifest.labels:
             scored = "the request's choices" if labels else f"task {task!r}'s labels"
-            for name, asked in (("n", n > 1), ("logprobs", p.logprobs is not None)):
+            for name, asked in (("n", n > 1), ("logprobs", p.logprobs is not None),
+                                ("json_schema", p.json_schema is not None), ("regex", p.regex is not None)):
                 if asked:
                     raise Invalid(f"{name}: this request is answered by scoring {scored} (see `scores`); "
                                   f"{name} applies to generation tasks", code="invalid_parameters")
+        grammar = None if labels or module.manifest.labels else self._grammar(p)
         jobs = []
         for one in inputs:
             ids = module.encode(one)
@@ -281,11 +284,26 @@ class Runtime:
                     top_k=p.top_k if p.top_k is not None else gen.top_k,
                     seed=p.seed,
                     stop=p.stop if p.stop is not None else gen.stop,
-                    logprobs=p.logprobs)
+                    logprobs=p.logprobs, grammar=grammar)
                 cost = length + n * max_new  # one prefill, n samples decoded
             jobs.append(Job(module, ids, sampling, cost + module.probe_tokens(len(ids)), on_text=on_text, task=task,
                             labels=labels, n=n if sampling is not None else 1))
         return jobs
+
+    def _grammar(self, p: InferParameters):
+        """The compiled grammar of the request's json_schema or regex (modules.core.constraint), or
+        None; 422 naming the parameter when both are given or the engine cannot compile it."""
+        asked = [(name, spec) for name, spec in (("json_schema", p.json_schema), ("regex", p.regex)) if spec is not None]
+        if not asked:
+            return None
+        if len(asked) > 1:
+            raise Invalid("json_schema and regex: give one of them, not both", code="invalid_parameters")
+        name, spec = asked[0]
+        constraint = Constraint.json_schema(spec) if name == "json_schema" else Constraint.regex(spec)
+        try:
+            return grammars_for(self.backbone).compile(constraint)
+        except ConstraintError as e:
+            raise Invalid(f"{name}: {e}", code="invalid_parameters") from None
 
     @staticmethod
     def _choices(module, choices: list[str]) -> dict[str, list[int]]:

@@ -15,6 +15,7 @@ MAX_INPUTS = 64  # texts in one request, on every API
 MAX_SEED = 2**63 - 1
 MAX_LOGPROBS = 20  # most likely alternatives per generated token (parameters.logprobs, OpenAI top_logprobs)
 MAX_SAMPLES = 16  # samples per input (parameters.n, OpenAI n)
+MAX_REGEX_CHARS = 4096  # parameters.regex (a JSON schema's size is capped by modules.core.constraint)
 
 
 def _utf8(v: str) -> str:
@@ -56,6 +57,13 @@ class InferParameters(Strict):
         None, ge=1, le=MAX_SAMPLES,
         description=f"Samples per input (1 to {MAX_SAMPLES}), sharing one prefill of the input; sample i is seeded "
                     "seed + i. `outputs` then holds n outputs per input, input by input. Generation tasks only.")
+    json_schema: dict[str, Any] | None = Field(
+        None, description="Structured output: the text is JSON that validates against this JSON schema (or the "
+                          "output finishes with 'length'). Generation tasks only; stop strings do not apply.")
+    regex: str | None = Field(
+        None, min_length=1, max_length=MAX_REGEX_CHARS,
+        description="Structured output: the text matches this regular expression in full (Rust `regex` syntax; "
+                    "or the output finishes with 'length'). Generation tasks only; stop strings do not apply.")
 
     @field_validator("stop")
     @classmethod

@@ -8,6 +8,14 @@ the decode loop that runs many rows together is `modules.core.running` (`generat
 Log probabilities follow vLLM's default (`raw_logprobs`): the log-softmax, in float32, of the
 model's own logits for the step, before temperature, top-k and top-p. So they do not depend on
 the sampling settings, and a token's logprob is the same greedy or sampled, alone or batched.
+
+Structured output: a row whose `Sampling.grammar` is set (a compiled `modules.core.constraint.Grammar`)
+gets a `Matcher` of its own (each of n samples too). Its next token is picked from a masked copy of
+its logits (the tokens its grammar does not allow get -inf; EOS only when what it wrote so far is a
+complete match), and the row finishes with "stop" as soon as the grammar is complete, so its text
+always matches, or it ends with "length" (or "error", when its grammar cannot go on: that row only).
+Its logprobs are still the model's distribution before the mask, as they are before temperature,
+and stop strings do not apply to it (they could cut the JSON short).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from modules.core.batch import Contribution, Row, build_pass
+from modules.core.constraint import ConstraintError, mask_logits
 
 
 @dataclass
@@ -84,6 +93,9 @@ class Sampling:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # generate max_new_tokens whatever comes (benchmarks: equal work per row)
     logprobs: int | None = None  # None: none; k: each token's logprob and its k most likely alternatives
+    # structured output: a compiled modules.core.constraint.Grammar the row's text must match (stop
+    # strings then do not apply); each row makes its own Matcher from it
+    grammar: object | None = field(default=None, compare=False, repr=False)
 
     def for_sample(self, i: int) -> "Sampling":
         """The settings of sample i of a prompt: its own seed stream, seed + i (when seeded)."""
@@ -178,14 +190,25 @@ class _RowState:
                 self.gen.seed()
             else:
                 self.gen.manual_seed(item.sampling.seed)
+        self.matcher = item.sampling.grammar.matcher() if item.sampling.grammar is not None else None
+        self.stops = [] if self.matcher is not None else item.sampling.stop  # a constrained row has none
         # A stop string may span tokens: hold back that much text while streaming.
-        self.holdback = max((len(s) for s in item.sampling.stop), default=1) - 1
+        self.holdback = max((len(s) for s in self.stops), default=1) - 1
 
     def fail(self, error: RowError) -> None:
         self.finish, self.error = "error", error
 
-    def pick(self, logits: torch.Tensor) -> int:
-        """This row's next token from its logits (V,), by its sampling settings and generator."""
+    def pick(self, logits: torch.Tensor) -> int | None:
+        """This row's next token from its logits (V,), by its sampling settings and generator; a
+        constrained row's from a masked copy of them. None when the row's grammar cannot go on (the
+        row has failed)."""
+        if self.matcher is not None:
+            logits = logits[None].clone()
+            [error] = mask_logits(logits, [self.matcher])
+            if error is not None:
+                self.fail(RowError(f"structured output failed: {error}"))
+                return None
+            logits = logits[0]
         return _pick(logits, self.item.sampling, self.gen)
 
     def _detokenize(self, final: bool) -> None:
@@ -203,16 +226,26 @@ class _RowState:
             self.finish = "cancelled"
             return
         seen = len(self.text)
-        if tok in self.eos and not s.ignore_eos:
+        if tok in self.eos and (not s.ignore_eos or self.matcher is not None):  # a grammar allows EOS when complete
             self.finish = "stop"
             self._detokenize(final=True)  # a character still incomplete comes out as is
         else:
             self.ids.append(tok)
-            self._detokenize(final=len(self.ids) >= s.max_new_tokens)
+            complete = False
+            if self.matcher is not None and tok not in self.eos:
+                try:
+                    self.matcher.advance(tok)
+                except ConstraintError as e:  # the token does not match (never happens once masked)
+                    self.fail(RowError(f"structured output failed: {e}"))
+                    return
+                complete = self.matcher.is_terminated()
+            self._detokenize(final=complete or len(self.ids) >= s.max_new_tokens)
             if self.logprobs is not None:
                 self.logprobs.append(logprob)
                 self._ends.append(len(self.text))
-        for stop in s.stop:  # look where a stop string could have just completed
+            if complete:  # the grammar allows nothing more: the row is done, its text matches
+                self.finish = "stop"
+        for stop in self.stops:  # look where a stop string could have just completed
             at = self.text.find(stop, max(0, seen - len(stop) + 1))
             if at >= 0:
                 self.text, self.finish = self.text[:at], "stop"

@@ -388,7 +388,8 @@ def _push(states: list[_RowState], logits: torch.Tensor) -> None:
             entries[b] = e
     for s, tok, entry in zip(states, picks, entries):
         if tok is None:
-            s.fail(RowError("the task's module produced non-finite logits"))
+            if s.finish is None:  # (a row whose constraint failed in `pick` has its error already)
+                s.fail(RowError("the task's module produced non-finite logits"))
         else:
             s.push(tok, entry)
 

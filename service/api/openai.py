@@ -4,19 +4,23 @@ the task says otherwise); a classification task answers with its label as the te
 
 `n` samples per prompt share one prefill (choice i of prompt p is at index p * n + i, seeded
 seed + i); `logprobs` (completions: an int k) and `logprobs` / `top_logprobs` (chat) answer in
-OpenAI's shapes, streamed too: the model's log-softmax before temperature, top-k and top-p."""
+OpenAI's shapes, streamed too: the model's log-softmax before temperature, top-k and top-p.
+`response_format` {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema",
+"strict"}} is structured output (`parameters.json_schema`; json_object is the schema {"type": "object"});
+the output always matches, strict or not, or finishes with "length"."""
 
 from __future__ import annotations
 
 import codecs
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 from sse_starlette.sse import EventSourceResponse
 
+from modules.core.constraint import ANY_OBJECT
 from service.api.deps import ReaderDep, RuntimeDep
 from service.errors import Invalid
 from service.schemas import (
@@ -34,6 +38,36 @@ from service.security import require_infer
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON schema (none: any JSON object).")
+    strict: bool | None = Field(None, description="Accepted; the output always matches the schema.")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_for_json_schema(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with, and only with, type 'json_schema'")
+        return self
+
+    def schema(self) -> dict | None:
+        """The JSON schema the output must match, or None (free text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_schema" and self.json_schema.schema_ is not None:
+            return self.json_schema.schema_
+        return dict(ANY_OBJECT)
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we have no use for
 
@@ -46,6 +80,9 @@ class _Request(BaseModel):
     n: StrictInt = Field(1, ge=1, le=MAX_SAMPLES, description="Samples per prompt, sharing one prefill; sample i is "
                                                               "seeded seed + i.")
     stream: StrictBool = False
+    response_format: ResponseFormat | None = Field(
+        None, description="{'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {'name', 'schema'}}: "
+                          "structured output ('text': free text, the default).")
 
     @field_validator("n", "stream", mode="before")
     @classmethod
@@ -55,8 +92,10 @@ class _Request(BaseModel):
 
     def parameters(self) -> InferParameters:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        schema = self.response_format.schema() if self.response_format is not None else None
         return InferParameters(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                               stop=stop, seed=self.seed, n=self.n, logprobs=self.top_k_logprobs())
+                               stop=stop, seed=self.seed, n=self.n, logprobs=self.top_k_logprobs(),
+                               json_schema=schema)
 
     def top_k_logprobs(self) -> int | None:
         return None
