@@ -21,13 +21,13 @@ Prints a table and writes bench/results/constraint.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 from common import machine  # bench/common.py (the script's folder is on sys.path)
+from tables import report  # bench/tables.py
 
 from modules.core.backbone import Backbone
 from modules.core.batch import Contribution
@@ -112,24 +112,6 @@ def constrained(bb, grammars: Grammars, prompt: list[int], c: Constraint, rows: 
     return out
 
 
-def table(r: dict) -> str:
-    lines = [f"Embedded backbone ({r['backbone']}), {r['steps']} decode steps per setting, every row constrained "
-             f"and sampled; grammar engine llguidance {r['llguidance']}; {r['machine']}. Constraint cost = token "
-             f"masks + masking the logits + advancing the matchers, per step; ratio = that / an unconstrained "
-             f"decode step of the running batch.", "",
-             "| rows | constraint | step, free (ms) | masks (ms) | masks, parallel (ms) | masking (ms) | advance (ms) "
-             "| constraint / step |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for b, v in r["results"].items():
-        for kind, k in v["constraints"].items():
-            par = "-" if k["fill_ms_parallel"] is None else k["fill_ms_parallel"]
-            lines.append(f"| {b} | {kind} | {k['free_step_ms']} | {k['fill_ms']} | {par} | {k['apply_ms']} | "
-                         f"{k['advance_ms']} | {k['ratio']} |")
-    comp = ", ".join(f"{k} {v} ms" for k, v in r["compile_ms"].items())
-    lines += ["", f"Compile, cold (first mask included): {comp}; llguidance's tokenizer view, once per backbone: "
-                  f"{r['tokenizer_ms']} ms."]
-    return "\n".join(lines)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=48)
@@ -173,9 +155,7 @@ def main() -> None:
     r = {"backbone": bb.name, "machine": machine(bb), "llguidance": llguidance.__version__, "steps": args.steps,
          "tokenizer_ms": tokenizer_ms, "compile_ms": compile_ms, "results": results,
          "constraints": {k: {"type": c.type, "spec": c.spec} for k, c in CONSTRAINTS.items()}}
-    out = ROOT / "bench" / "results" / "constraint.json"
-    out.write_text(json.dumps(r, indent=2) + "\n")
-    print(table(r))
+    report("constraint", r)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def n_samples(r: dict) -> str:
 
 
 def constraint(r: dict) -> str:
-    """bench/constraint.py: structured output's cost per decode step (the same table as its `table`)."""
+    """bench/constraint.py: structured output's cost per decode step."""
     lines = [f"Embedded backbone ({r['backbone']}), {r['steps']} decode steps per setting, every row constrained "
              f"and sampled; grammar engine llguidance {r['llguidance']}; {r['machine']}. Constraint cost = token "
              f"masks + masking the logits + advancing the matchers, per step; ratio = that / an unconstrained "
