@@ -312,11 +312,26 @@ def table(out: dict) -> str:
     lines += fewshot_table(out)
     for run in out.get("resumed_by", []):
         base = " / ".join(f"{ms:.0f}" for ms in run.get("base_latency_ms", {}).values())
-        trained = ", ".join(run["trained"]) or "none"
+        trained = _compact(run["trained"]) or "none"
         lat = (f"; the added latency of the rows it ran is against the template in that run ({base} ms)" if base
                else "; no latency measured")
         lines += ["", f"Re-run later ({run['machine']}): {trained}{lat}."]
     return "\n".join(lines)
+
+
+def _compact(trained: list[str]) -> str:
+    """["lora/sst2/seed 1", "lora/sst2/seed 2", "lora/trec/n=16/seed 0"] -> "lora (sst2 seed 1, 2; trec n=16 seed 0)";
+    an entry without slashes (an older record) stays as it is."""
+    groups: dict[str, dict[str, list[str]]] = {}
+    for t in trained:
+        parts = t.split("/")
+        if len(parts) == 1:
+            groups.setdefault(t, {})
+            continue
+        name, rest, last = parts[0], " ".join(parts[1:-1]), parts[-1].removeprefix("seed ")
+        groups.setdefault(name, {}).setdefault(rest, []).append(last)
+    return ", ".join(name + (" (" + "; ".join(f"{k} seed {', '.join(v)}" for k, v in g.items()) + ")" if g else "")
+                     for name, g in groups.items())
 
 
 def forgetting_table(out: dict) -> list[str]:
@@ -340,7 +355,8 @@ def forgetting_table(out: dict) -> list[str]:
     after = frozen.get("template_after_training", {})
     if after:
         same = frozen.get("weights_sha256_before") == frozen.get("weights_sha256_after")
-        lines.append(f"| frozen, after training every module of the last run ({'bit-identical' if same else 'CHANGED'}) | "
+        lines.append(f"| frozen, re-scored after training {len(frozen.get('after', []))} modules in the same process "
+                     f"(weights {'bit-identical' if same else 'CHANGED'}) | "
                      + " | ".join(f"{after[c]:.3f}" if c in after else "-" for c in cols) + " | - |")
     for d in tasks:
         row = r["full"].get(d)
@@ -368,9 +384,9 @@ def fewshot_table(out: dict) -> list[str]:
     spec = out["fewshot_budget"]
     lines = ["", f"**Few-shot.** {spec['steps']} steps x batch {spec['batch_size']} (as above) on the first n rows of "
                  f"one seeded shuffle of each training set (16 ⊂ 64 ⊂ 256; the same rows for every method), scored on "
-                 f"the first {spec['eval_rows']} eval rows above; training seeds as in the `seeds` cells. The last "
-                 f"column of each task is the full-data row above (seed 0, {spec['steps'] * spec['batch_size']} rows "
-                 f"seen once).", "",
+                 f"the first {spec['eval_rows']} eval rows above; one training seed (0). `n=all` is the method's "
+                 f"seed-0 row of the table above (the whole training set, {spec['steps'] * spec['batch_size']} rows "
+                 f"seen once, scored on all its eval rows).", "",
              "| method | " + " | ".join(f"{names[d]} n={n}" for d in tasks for n in sizes + ["all"]) + " |",
              "|---|" + "---:|" * (len(tasks) * (len(sizes) + 1))]
     for name in [m for m in METHODS if m in fs]:
@@ -445,8 +461,9 @@ def merge(into: dict, other: dict) -> None:
     for k in ("fewshot_budget", "unseen", "frozen"):
         if k in other and k not in into:
             into[k] = other[k]
-    into["resumed_by"] = into.get("resumed_by", []) + [{"command": other["command"], "machine": other["machine"],
-                                                        "trained": other.get("trained", [])}] + other.get("resumed_by", [])
+    runs = other.get("resumed_by", []) if "trained" not in other else \
+        [{"command": other["command"], "machine": other["machine"], "trained": other["trained"]}]
+    into["resumed_by"] = into.get("resumed_by", []) + [r for r in runs if r not in into.get("resumed_by", [])]
 
 
 def main() -> None:
@@ -549,7 +566,7 @@ def main() -> None:
     artifacts.mkdir(parents=True, exist_ok=True)
     digest_before = weights_digest(backbone)
     unseen = {}
-    if args.unseen_rows and "full" in methods + fs_methods:
+    if args.unseen_rows and ("full" in methods + fs_methods or args.frozen_check != "no"):
         ag = agnews(args.unseen_rows, args.data_seed)
         unseen = {"agnews": ag}
         if "agnews" not in out.get("unseen", {}):
@@ -628,7 +645,7 @@ def main() -> None:
             after[u] = evaluate(module, backbone, ds["eval"], 32)["eval_accuracy"]
         out["frozen"] = {"weights_sha256_before": digest_before, "weights_sha256_after": digest_after,
                          "template_after_training": after,
-                         "after": [r["trained"] for r in [out] + out.get("resumed_by", []) if r.get("trained")]}
+                         "after": run["trained"], "command": run["command"]}
         save()
     if not args.no_latency:
         loaded: dict[str, dict] = {d: {} for d in data}
