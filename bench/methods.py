@@ -62,13 +62,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import machine  # bench/common.py (the script's folder is on sys.path)
 
 from modules.core.artifact import read_artifact
 from modules.core.backbone import Backbone
@@ -537,7 +537,7 @@ def main() -> None:
     backbone = Backbone.load()
     data = {k: v for k, v in datasets(args.eval_rows, args.data_seed).items() if k in args.datasets.split(",")}
     out = {"backbone": backbone.name, "device": str(backbone.device),
-           "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+           "machine": machine(backbone),
            "command": "bench/methods.py " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                                                    if k not in ("progress", "out", "table_only", "merge", "readme")),
            "budget": {"steps": args.steps, "batch_size": args.batch_size, "data_seed": args.data_seed,
