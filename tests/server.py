@@ -25,14 +25,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def server_process(env: dict[str, str] | None = None, timeout: float = 300.0):
-    """Yield (url, process) of a `frozenlm serve` process that is ready; stop it (SIGTERM) afterwards."""
+def server_process(env: dict[str, str] | None = None, timeout: float = 300.0, log_path: Path | None = None):
+    """Yield (url, process) of a `frozenlm serve` process that is ready; stop it (SIGTERM) afterwards.
+    Its output goes to `log_path` when given (a test may read it), else to a temporary file."""
     from clients import Client
 
     port = free_port()
     full_env = {**os.environ, "FROZENLM_HOST": "127.0.0.1", "FROZENLM_PORT": str(port), "PYTHONUNBUFFERED": "1",
                 **(env or {})}
-    with tempfile.TemporaryFile() as log:
+    with (open(log_path, "w+b") if log_path else tempfile.TemporaryFile()) as log:
         proc = subprocess.Popen([sys.executable, "-m", "clients.cli", "serve"], cwd=ROOT, env=full_env,
                                 stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"

@@ -6,9 +6,6 @@ Each test states what should happen; all were red before their fixes."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from contextlib import suppress
@@ -18,7 +15,7 @@ import pytest
 
 from clients import Client
 from modules.registry import kind_class
-from tests.server import ROOT, free_port
+from tests.server import server_process
 
 ADMIN_KEY = "probe-admin"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -46,21 +43,10 @@ def srv(tiny_served, tmp_path_factory):
     that generates) and `sst2` (a soft prompt that scores labels)."""
     folder, bb = tiny_served
     root = tmp_path_factory.mktemp("probe")
-    port = free_port()
-    env = {**os.environ, "FROZENLM_HOST": "127.0.0.1", "FROZENLM_PORT": str(port), "PYTHONUNBUFFERED": "1",
-           "FROZENLM_BACKBONE": str(folder), "FROZENLM_EXAMPLES": "false", "FROZENLM_DEVICE": "cpu",
+    env = {"FROZENLM_BACKBONE": str(folder), "FROZENLM_EXAMPLES": "false", "FROZENLM_DEVICE": "cpu",
            "FROZENLM_ADMIN_KEY": ADMIN_KEY, "FROZENLM_STORE_DIR": str(root / "store")}
     log_path = root / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "clients.cli", "serve"], cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        with Client(url) as c:
-            while not c.ready():
-                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
-                time.sleep(0.3)
+    with server_process(env, log_path=log_path) as (url, _):
         prompt = kind_class("prompt")
         sst2 = prompt.new(bb, {"num_virtual_tokens": 2}, template="Review: {input}\nSentiment:",
                           labels={"negative": "n", "positive": "p"})
@@ -68,12 +54,6 @@ def srv(tiny_served, tmp_path_factory):
         for name, m in (("sst2", sst2), ("gen", gen)):
             assert httpx.put(f"{url}/tasks/{name}", content=m.to_artifact(), headers=ADMIN).status_code == 201
         yield Probed(url, log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _put_task(srv, name: str, tiny_served) -> None:
