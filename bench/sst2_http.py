@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,9 +20,10 @@ from common import machine  # bench/common.py (the script's folder is on sys.pat
 from clients import Client
 from modules.core.backbone import Backbone
 from modules.registry import kind_class
-from tests.server import running_server
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests/server.py starts the server, as the tests do
+from tests.server import running_server  # noqa: E402
 DEV = ROOT.parent / "shared" / "data" / "sst2" / "stsa.binary.dev"
 
 
