@@ -24,6 +24,7 @@ from modules.registry import kind_class
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests/server.py starts the server, as the tests do
 from tests.server import running_server  # noqa: E402
+
 DEV = ROOT.parent / "shared" / "data" / "sst2" / "stsa.binary.dev"
 
 
