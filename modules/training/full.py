@@ -27,12 +27,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from modules.core.backbone import Backbone
 from modules.core.module import TaskModule
 from modules.registry import kind_class
-from modules.training.train import TrainOptions, _step, _Task, default_labels, evaluate
+from modules.training.train import TrainOptions, _Task, default_labels, evaluate, run_steps
 
 
 @dataclass
@@ -83,23 +82,7 @@ def train_full(backbone: Backbone, rows: list[dict], options: TrainOptions | Non
     else:
         total = min(opt.max_steps, by_epochs) if by_epochs else opt.max_steps
     optim = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
-    warm = min(opt.warmup_steps, max(1, total // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
-
-    order: list[int] = []
-    history: list[float] = []
-    bar = tqdm(range(total), desc="train full", disable=not opt.progress)
-    for _ in bar:  # the batches train_module draws for the same seed
-        if len(order) < opt.batch_size:
-            fresh = list(range(len(rows)))
-            rng.shuffle(fresh)
-            order += fresh
-        batch = [rows[i] for i in order[:opt.batch_size]]
-        del order[:opt.batch_size]
-        history.append(_step(task, params, optim, batch))
-        sched.step()
-        bar.set_postfix(loss=f"{sum(history[-20:]) / len(history[-20:]):.4f}")
+    history = run_steps(task, params, optim, rows, opt, total, rng, "train full")  # train_module's batches
     del optim  # its moments are twice the model's size
     tuned.model.requires_grad_(False)
     tuned.model.eval()

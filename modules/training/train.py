@@ -309,6 +309,29 @@ def _sparse_by_fisher(backbone: Backbone, rows: list[dict], opt: TrainOptions, c
     return module, info
 
 
+def run_steps(task: "_Task", params: list, optim: torch.optim.Optimizer, rows: list[dict], opt: TrainOptions,
+              total: int, rng: random.Random, desc: str) -> list[float]:
+    """`total` optimizer steps over shuffled batches of `rows` (reshuffled at every pass), linear
+    warm-up then linear decay to 0; the loss of each step."""
+    warm = min(opt.warmup_steps, max(1, total // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    order: list[int] = []
+    history: list[float] = []
+    bar = tqdm(range(total), desc=desc, disable=not opt.progress)
+    for _ in bar:
+        if len(order) < opt.batch_size:
+            fresh = list(range(len(rows)))
+            rng.shuffle(fresh)
+            order += fresh
+        batch = [rows[i] for i in order[:opt.batch_size]]
+        del order[:opt.batch_size]
+        history.append(_step(task, params, optim, batch))
+        sched.step()
+        bar.set_postfix(loss=f"{sum(history[-20:]) / len(history[-20:]):.4f}")
+    return history
+
+
 # Kinds whose shape the training data chooses when their config leaves it open.
 _FROM_DATA = {"sparse": _sparse_by_fisher}
 
@@ -367,24 +390,7 @@ def train_module(backbone: Backbone, kind: str, rows: list[dict], options: Train
         total = min(opt.max_steps, by_epochs) if by_epochs else opt.max_steps
     optim, child = make_optimizer(module, task, rows, opt)
     extra.update(child)
-    warm = min(opt.warmup_steps, max(1, total // 10))
-    # Linear warm-up, then linear decay to 0.
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
-
-    order: list[int] = []
-    history: list[float] = []
-    bar = tqdm(range(total), desc=f"train {kind}", disable=not opt.progress)
-    for _ in bar:
-        if len(order) < opt.batch_size:
-            fresh = list(range(len(rows)))
-            rng.shuffle(fresh)
-            order += fresh
-        batch = [rows[i] for i in order[:opt.batch_size]]
-        del order[:opt.batch_size]
-        history.append(_step(task, params, optim, batch))
-        sched.step()
-        bar.set_postfix(loss=f"{sum(history[-20:]) / len(history[-20:]):.4f}")
+    history = run_steps(task, params, optim, rows, opt, total, rng, f"train {kind}")
     module.eval()
     module.requires_grad_(False)
 
