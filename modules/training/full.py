@@ -21,7 +21,6 @@ Example::
 from __future__ import annotations
 
 import copy
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -75,12 +74,7 @@ def train_full(backbone: Backbone, rows: list[dict], options: TrainOptions | Non
     module = kind_class("template").new(tuned, **manifest_fields)
     task = _Task(module, tuned)
 
-    steps_per_epoch = math.ceil(len(rows) / opt.batch_size)
-    by_epochs = math.ceil(opt.epochs * steps_per_epoch) if opt.epochs else None
-    if opt.max_steps is None:
-        total = by_epochs or steps_per_epoch
-    else:
-        total = min(opt.max_steps, by_epochs) if by_epochs else opt.max_steps
+    total = opt.total_steps(len(rows))
     optim = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
     history = run_steps(task, params, optim, rows, opt, total, rng, "train full")  # train_module's batches
     del optim  # its moments are twice the model's size

@@ -91,6 +91,15 @@ class TrainOptions:
         if self.fisher_warmup_steps < 0:
             raise ValueError(f"fisher_warmup_steps must be at least 0, got {self.fisher_warmup_steps}")
 
+    def total_steps(self, rows: int) -> int:
+        """Optimizer steps for `rows` training rows: max_steps, capped by epochs when both are set;
+        one epoch when neither is."""
+        per_epoch = math.ceil(rows / self.batch_size)
+        by_epochs = math.ceil(self.epochs * per_epoch) if self.epochs else None
+        if self.max_steps is None:
+            return by_epochs or per_epoch
+        return min(self.max_steps, by_epochs) if by_epochs else self.max_steps
+
 
 @dataclass
 class TrainResult:
@@ -382,12 +391,7 @@ def train_module(backbone: Backbone, kind: str, rows: list[dict], options: Train
     params = [p for p in module.parameters() if p.requires_grad]
     task = _Task(module, backbone)
 
-    steps_per_epoch = math.ceil(len(rows) / opt.batch_size)
-    by_epochs = math.ceil(opt.epochs * steps_per_epoch) if opt.epochs else None
-    if opt.max_steps is None:
-        total = by_epochs or steps_per_epoch
-    else:
-        total = min(opt.max_steps, by_epochs) if by_epochs else opt.max_steps
+    total = opt.total_steps(len(rows))
     optim, child = make_optimizer(module, task, rows, opt)
     extra.update(child)
     history = run_steps(task, params, optim, rows, opt, total, rng, f"train {kind}")
