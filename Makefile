@@ -38,7 +38,7 @@ lint: $(STAMP)
 
 # The serving benches (minutes each on a CPU; they print the README's tables and write bench/results/).
 # The training benches (bench/methods.py, p3_idpt.py, recursion.py, squad_rrr.py) take hours: run them one by one.
-BENCHES ?= mixed_batch continuous n_samples constraint
+BENCHES ?= mixed_batch continuous n_samples constraint fairness
 bench: $(STAMP)
 	for b in $(BENCHES); do $(PY) bench/$$b.py || exit 1; done
 

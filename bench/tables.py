@@ -161,9 +161,27 @@ def constraint(r: dict) -> str:
     return "\n".join(lines)
 
 
+def fairness(r: dict) -> str:
+    """bench/fairness.py: another task's requests behind one task's backlog, turns against FIFO."""
+    lines = [f"Embedded backbone ({r['backbone']}), continuous engine with room for {r['max_running']} rows; task "
+             f"`bulk` queues {r['bulk']} requests of n = {r['n']} x {r['tokens']} tokens, then task `other` sends an "
+             f"8-token generation and a two-choice classification; median of {r['repeats']} interleaved runs; "
+             f"{r['machine']}. Every request got the same answer under both policies: "
+             f"{'yes' if r['same_answers'] else 'NO'}.", "",
+             "| scheduler | `other`'s generation waits (s) | `other`'s classification waits (s) | `bulk` done after (s) |",
+             "|---|---:|---:|---:|"]
+    names = {"turns": "a line per task, in turns (the server's)", "fifo": "one FIFO line (the previous one)"}
+    for key, label in names.items():
+        v = r["results"][key]
+        lines.append(f"| {label} | {v['short']} | {v['scored']} | {v['bulk_s']} |")
+    q = r["fifo_over_turns"]
+    lines.append(f"| FIFO / turns | {q['short']} | {q['scored']} | {q['bulk_s']} |")
+    return "\n".join(lines)
+
+
 TABLES = {"mixed_batch": mixed_batch, "sst2_http": sst2_http, "squad_rrr": squad_rrr, "continuous": continuous,
           "calibration": calibration, "choices": choices, "p3_idpt": p3_idpt, "recursion": recursion,
-          "n_samples": n_samples, "constraint": constraint}
+          "n_samples": n_samples, "constraint": constraint, "fairness": fairness}
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Each step of the engine thread:
 
-    queue --admit (FIFO, within max_running and the KV budget)--> prepare: probes of the admitted
+    queue --admit (tasks in turn, within max_running and the KV budget)--> prepare: probes of the admitted
     rows, batched (idpt, rrr, recursive) --> scoring rows: one pass, answered now
                                          --> generation rows: prefilled together, join the batch
     running batch --one decode token for every running row--> finished rows answered and gone

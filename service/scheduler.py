@@ -1,14 +1,16 @@
-"""The queue between the API and the engine: bounded, FIFO, batches across tasks.
+"""The queue between the API and the engine: bounded, fair across tasks, batches across tasks.
 
-`submit` never waits: a full queue answers 429 with Retry-After. `next_batch` takes the oldest
-jobs, whatever their task or kind, up to a row count and a token budget.
+`submit` never waits: a full queue answers 429 with Retry-After. Each task has its own FIFO line;
+`next_batch` takes the lines' oldest jobs in turn (round robin, as LoRAX serves its adapters), up
+to a row count and a token budget, so a task that queued many large requests holds a later request
+of another task back by at most one turn, not by its whole backlog.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -45,14 +47,14 @@ class Job:
 class Scheduler:
     def __init__(self, max_queue: int = 256, max_batch_size: int = 32, max_batch_tokens: int = 16384):
         self.max_queue, self.max_batch_size, self.max_batch_tokens = max_queue, max_batch_size, max_batch_tokens
-        self._q: deque[Job] = deque()
+        self._lines: OrderedDict[str, deque[Job]] = OrderedDict()  # line -> its queued jobs; the first line's turn is next
         self._cond = threading.Condition()
         self._closed = False
 
     @property
     def depth(self) -> int:
         """Queued rows (a job of n samples counts n)."""
-        return sum(j.n for j in self._q)
+        return sum(j.n for line in self._lines.values() for j in line)
 
     def submit(self, jobs: list[Job]) -> None:
         """Queue the jobs; 413 for jobs that could never fit (`check_fits`), 429 while the queue has
@@ -64,8 +66,14 @@ class Scheduler:
             if self.depth + sum(j.n for j in jobs) > self.max_queue:
                 raise Overloaded(f"queue is full ({self.depth} rows waiting); retry later",
                                  code="queue_full", headers={"Retry-After": "1"})
-            self._q.extend(jobs)
+            for job in jobs:
+                self._lines.setdefault(self.line(job), deque()).append(job)
             self._cond.notify()
+
+    @staticmethod
+    def line(job: Job) -> str:
+        """The line a job waits in: its task's."""
+        return job.task
 
     def check_fits(self, jobs: list[Job]) -> None:
         """413 for a request that no wait would let in: more rows than the queue holds, or a row
@@ -80,33 +88,52 @@ class Scheduler:
                            code="request_too_large")
 
     def next_batch(self, timeout: float = 0.5, rows: int | None = None, fits=None) -> list[Job]:
-        """The oldest jobs, FIFO, up to `rows` rows (at most max_batch_size; a job of n samples is n
-        rows, and the first job is always taken); [] on timeout or close.
-        Without `fits`, within max_batch_tokens of cost and at least one job. With `fits` (a
-        predicate on the jobs taken so far plus the next: room left in a running batch), a job is
-        taken only if it fits, so none may be taken; the queue's order is kept either way."""
+        """Jobs taken in turn from the tasks' lines, oldest first within a line, up to `rows` rows
+        (at most max_batch_size; a job of n samples is n rows, and the first job is always taken); []
+        on timeout or close. A line whose job is taken goes to the back of the turn; a line whose
+        next job does not fit keeps its place, so its job goes first when there is room.
+        Without `fits`, within max_batch_tokens of cost. With `fits` (a predicate on the jobs taken
+        so far plus the next: room left in a running batch), a job is taken only if it fits, so none
+        may be taken; once a generation job did not fit, no generation job of another line is taken
+        past it (a stream of small ones would starve it), but jobs that take no room in the running
+        batch (scoring, a pass of their own) still are."""
         rows = self.max_batch_size if rows is None else min(rows, self.max_batch_size)
         with self._cond:
-            if not self._q and timeout > 0:
+            if not self._lines and timeout > 0:
                 self._cond.wait(timeout)
             batch, live, used, taken = [], [], 0, 0
-            while self._q and taken < rows:
-                job = self._q[0]
-                if job.cancelled:  # its request went away: handed over to be counted, it takes no room
-                    batch.append(self._q.popleft())
-                    taken += 1
-                    continue
-                if live and taken + job.n > rows:
-                    break
-                if fits is not None and not fits(live + [job]):
-                    break
-                if fits is None and live and used + job.cost > self.max_batch_tokens:
-                    break
-                batch.append(self._q.popleft())
-                live.append(job)
-                used += job.cost
-                taken += job.n
+            held: set[str] = set()  # lines whose next job did not fit
+            blocked = False         # a generation job did not fit (only with `fits`)
+            more = True
+            while more:
+                more = False
+                for task in list(self._lines):
+                    line = self._lines[task]
+                    while line and line[0].cancelled:  # its request went away: handed over to be counted, it takes no room
+                        batch.append(line.popleft())
+                    if task not in held and line:
+                        job = line[0]
+                        if (blocked and job.sampling is not None) or not self._room(job, live, taken, used, rows, fits):
+                            held.add(task)
+                            blocked = blocked or (fits is not None and job.sampling is not None)
+                        else:
+                            batch.append(line.popleft())
+                            live.append(job)
+                            used += job.cost
+                            taken += job.n
+                            more = True
+                            self._lines.move_to_end(task)
+                    if not line:
+                        del self._lines[task]
             return batch
+
+    def _room(self, job: Job, live: list[Job], taken: int, used: int, rows: int, fits) -> bool:
+        """Whether `job` joins the `live` jobs taken so far (`taken` rows, `used` cost)."""
+        if live and taken + job.n > rows:
+            return False
+        if fits is not None:
+            return fits(live + [job])
+        return not live or used + job.cost <= self.max_batch_tokens
 
     def close(self) -> None:
         with self._cond:

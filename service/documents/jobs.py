@@ -95,7 +95,7 @@ class Stopping(Exception):
 
 
 class Passes:
-    """Runs one backbone pass for a job: queued in the scheduler (FIFO with every request's rows,
+    """Runs one backbone pass for a job: queued in the scheduler (in its task's line, as a request's rows are,
     run on the engine thread with the backbone lock held), or, without a scheduler, here under
     `lock`. Blocks until it ran; retries while the queue is full. A pass is queued when no request
     waits in the queue (or after `yield_s` seconds of waiting), so a request that arrives during
