@@ -4,6 +4,7 @@ from clients.client import (
                             AsyncClient,
                             Client,
                             Conflict,
+                            DocumentsJob,
                             FrozenLMError,
                             InferResult,
                             InvalidRequest,
@@ -15,5 +16,5 @@ from clients.client import (
                             Uploaded,
 )
 
-__all__ = ["AsyncClient", "Client", "Conflict", "FrozenLMError", "InferResult", "InvalidRequest", "NotFound",
+__all__ = ["AsyncClient", "Client", "Conflict", "DocumentsJob", "FrozenLMError", "InferResult", "InvalidRequest", "NotFound",
            "Output", "Overloaded", "TaskInfo", "Unauthorized", "Uploaded"]
