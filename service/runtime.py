@@ -367,8 +367,10 @@ class Runtime:
                              usage=Usage(prompt_tokens=sum(len(j.ids) for j in jobs), completion_tokens=completion),
                              timings_ms={k: round(v, 2) for k, v in timings.items()})
 
-    async def infer(self, name: str, inputs: list, params: InferParameters, disconnected=None) -> InferResponse:
-        """Run a task on inputs (texts, or chat message lists) and wait for every answer."""
+    async def infer(self, name: str, inputs: list, params: InferParameters, disconnected=None,
+                    caller: str = "") -> InferResponse:
+        """Run a task on inputs (texts, or chat message lists) and wait for every answer. `caller`
+        (who sent the request) and the task choose the request's line in the queue."""
         self._require_ready()
         t0 = time.monotonic()
         resolved = await run_in_threadpool(self._resolve, name)
@@ -376,7 +378,7 @@ class Runtime:
         with metrics.track(resolved.name, resolved.module.kind):
             jobs = await run_in_threadpool(self._jobs, resolved.name, resolved.module, inputs, params)
             for j in jobs:
-                j.context = context
+                j.context, j.caller = context, caller
             results = await self._run(jobs, disconnected)
         return self._response(resolved, jobs, results, t0)
 
@@ -397,7 +399,8 @@ class Runtime:
         [hits] = await self._run([job])
         return hits
 
-    async def stream(self, name: str, one_input, params: InferParameters) -> AsyncIterator[tuple[str, object]]:
+    async def stream(self, name: str, one_input, params: InferParameters,
+                     caller: str = "") -> AsyncIterator[tuple[str, object]]:
         """Run a task on one input, streaming: ("text", Piece) per new piece of any sample, then
         ("done", response) or ("error", {"code", "message"}). Errors before the first event raise
         as usual."""
@@ -415,7 +418,7 @@ class Runtime:
 
         jobs = await run_in_threadpool(self._jobs, resolved.name, resolved.module, [one_input], params, on_text)
         for j in jobs:
-            j.context = context
+            j.context, j.caller = context, caller
         task = asyncio.ensure_future(self._run(jobs))
 
         async def events() -> AsyncIterator[tuple[str, object]]:

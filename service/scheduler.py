@@ -1,9 +1,10 @@
-"""The queue between the API and the engine: bounded, fair across tasks, batches across tasks.
+"""The queue between the API and the engine: bounded, fair across lines, batches across tasks.
 
-`submit` never waits: a full queue answers 429 with Retry-After. Each task has its own FIFO line;
-`next_batch` takes the lines' oldest jobs in turn (round robin, as LoRAX serves its adapters), up
-to a row count and a token budget, so a task that queued many large requests holds a later request
-of another task back by at most one turn, not by its whole backlog.
+`submit` never waits: a full queue answers 429 with Retry-After. Each line (a task and a caller:
+the key's name, else the client's address) holds its jobs in arrival order; `next_batch` takes the
+lines' oldest jobs in turn (round robin, as LoRAX serves its adapters), up to a row count and a
+token budget. So a caller that queued many large requests holds a later request of another task
+or caller back by one turn, not by its whole backlog.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -26,7 +28,8 @@ class Job:
     ids: list[int]
     sampling: object | None      # modules.core.decode.Sampling; None = score the module's labels
     cost: int                    # tokens this job puts through the backbone (its share of a batch's budget)
-    task: str = ""               # the task's name (metrics)
+    task: str = ""               # the task's name (metrics, the queue's lines)
+    caller: str = ""             # who sent it (service.security.caller; the queue's lines)
     labels: dict | None = None   # scoring: {name: continuation ids} (a request's choices); None = the module's labels
     n: int = 1                   # generation: samples of this prompt (one prefill; each a row of its own)
     context: object | None = None  # modules.core.stages.Context: what the request brings (its task's documents)
@@ -47,7 +50,7 @@ class Job:
 class Scheduler:
     def __init__(self, max_queue: int = 256, max_batch_size: int = 32, max_batch_tokens: int = 16384):
         self.max_queue, self.max_batch_size, self.max_batch_tokens = max_queue, max_batch_size, max_batch_tokens
-        self._lines: OrderedDict[str, deque[Job]] = OrderedDict()  # line -> its queued jobs; the first line's turn is next
+        self._lines: OrderedDict[Hashable, deque[Job]] = OrderedDict()  # line -> its queued jobs; the first line's turn is next
         self._cond = threading.Condition()
         self._closed = False
 
@@ -71,9 +74,9 @@ class Scheduler:
             self._cond.notify()
 
     @staticmethod
-    def line(job: Job) -> str:
-        """The line a job waits in: its task's."""
-        return job.task
+    def line(job: Job) -> Hashable:
+        """The line a job waits in: its task's and its caller's."""
+        return job.task, job.caller
 
     def check_fits(self, jobs: list[Job]) -> None:
         """413 for a request that no wait would let in: more rows than the queue holds, or a row
@@ -102,7 +105,7 @@ class Scheduler:
             if not self._lines and timeout > 0:
                 self._cond.wait(timeout)
             batch, live, used, taken = [], [], 0, 0
-            held: set[str] = set()  # lines whose next job did not fit
+            held: set[Hashable] = set()  # lines whose next job did not fit
             blocked = False         # a generation job did not fit (only with `fits`)
             more = True
             while more:

@@ -78,6 +78,15 @@ def bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def caller(request: Request) -> str:
+    """Who sent a request, for the queue's turns (service/scheduler.py): the name of the key it
+    carries when the key is known, else its client's address."""
+    principal = request.app.state.runtime.keys.authenticate(bearer(request))
+    if principal is not None:
+        return f"key {principal.name}"
+    return f"address {request.client.host if request.client else '-'}"
+
+
 def _principal(request: Request) -> Principal:
     principal = request.app.state.runtime.keys.authenticate(bearer(request))
     if principal is None:

@@ -1,6 +1,6 @@
-"""Turns across tasks: a task's backlog of large requests holds a later request of another task back
-by one turn, not by the whole backlog; a generation job that does not fit is not starved by later
-small ones; and the order changes nothing in what a row gets."""
+"""Turns across lines (a task and a caller): one line's backlog of large requests holds a later
+request of another line back by one turn, not by the whole backlog; a generation job that does not
+fit is not starved by later small ones; and the order changes nothing in what a row gets."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from tests.test_continuous import _alone, _wait
 from tests.test_engine import _same
 
 
-def _gen(task: str, n: int = 1, max_new: int = 4) -> Job:
-    return Job(None, [1, 2], Sampling(max_new_tokens=max_new), cost=2 + n * max_new, task=task, n=n)
+def _gen(task: str, n: int = 1, max_new: int = 4, caller: str = "") -> Job:
+    return Job(None, [1, 2], Sampling(max_new_tokens=max_new), cost=2 + n * max_new, task=task, n=n, caller=caller)
 
 
 def _score(task: str) -> Job:
@@ -35,6 +35,15 @@ def test_tasks_take_turns_and_each_task_keeps_its_order():
     assert s.next_batch(rows=3) == [a[0], b[0], a[1]]
     assert s.next_batch(rows=8) == [b[1], a[2], a[3]]
     assert s.depth == 0 and s.next_batch(timeout=0) == []
+
+
+def test_callers_of_one_task_take_turns():
+    s = Scheduler()
+    a = [_gen("t", caller="key a") for _ in range(3)]
+    b = _gen("t", caller="key b")
+    s.submit(a)
+    s.submit([b])
+    assert [s.next_batch(rows=1) for _ in range(3)] == [[a[0]], [b], [a[1]]]
 
 
 def test_a_backlog_holds_another_task_back_by_one_turn():
@@ -116,3 +125,36 @@ def test_on_the_engine_a_short_request_of_another_task_runs_after_one_turn(tiny)
             assert len(x) == len(y) and all(_same(g, h) for g, h in zip(x, y))
         else:
             assert _same(x, y)
+
+
+def test_a_request_waits_in_the_line_of_its_task_and_its_caller(tmp_path, tiny, monkeypatch):
+    """Over HTTP (/infer, OpenAI completions, streamed too): a request with a known key waits in the
+    line of its task and its key's name; one without a key in its client address's line."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.config import Settings
+
+    lines = []
+    submit = Scheduler.submit
+    monkeypatch.setattr(Scheduler, "submit", lambda self, jobs: lines.extend(map(self.line, jobs)) or submit(self, jobs))
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps([{"name": "team-a", "key": "key-a", "scopes": ["infer:*"]},
+                                {"name": "team-b", "key": "key-b", "scopes": ["infer:*"]}]))
+    settings = Settings(store_dir=tmp_path / "store", examples=False, api_keys_file=keys, max_new_tokens=4,
+                        _env_file=None)
+    with TestClient(create_app(settings, backbone=tiny, wait_ready=True)) as c:
+        for key in ("key-a", "key-b"):
+            auth = {"Authorization": f"Bearer {key}"}
+            assert c.post("/tasks/base/infer", json={"inputs": "x"}, headers=auth).status_code == 200
+            assert c.post("/tasks/base/infer", json={"inputs": "x", "stream": True}, headers=auth).status_code == 200
+            assert c.post("/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 2},
+                          headers=auth).status_code == 200
+    assert lines == [("base", "key team-a")] * 3 + [("base", "key team-b")] * 3
+    lines.clear()
+    settings = Settings(store_dir=tmp_path / "store2", examples=False, max_new_tokens=4, _env_file=None)
+    with TestClient(create_app(settings, backbone=tiny, wait_ready=True)) as c:
+        assert c.post("/tasks/base/infer", json={"inputs": "x"}).status_code == 200
+    assert lines == [("base", "address testclient")]

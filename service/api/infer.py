@@ -6,6 +6,7 @@ from sse_starlette.sse import EventSourceResponse
 from service.api.deps import InferDep, RuntimeDep
 from service.errors import Invalid
 from service.schemas import InferRequest, InferResponse
+from service.security import caller
 
 router = APIRouter(tags=["inference"])
 
@@ -19,10 +20,11 @@ async def infer(name: str, req: InferRequest, rt: RuntimeDep, request: Request):
     if req.stream:
         if not isinstance(req.inputs, str):
             raise Invalid("streaming takes a single input text", code="invalid_request")
-        events = await rt.stream(name, req.inputs, req.parameters)
+        events = await rt.stream(name, req.inputs, req.parameters, caller=caller(request))
         return EventSourceResponse(_sse(events, samples=(req.parameters.n or 1) > 1))
     inputs = [req.inputs] if isinstance(req.inputs, str) else req.inputs
-    return await rt.infer(name, inputs, req.parameters, disconnected=request.is_disconnected)
+    return await rt.infer(name, inputs, req.parameters, disconnected=request.is_disconnected,
+                          caller=caller(request))
 
 
 async def _sse(events, samples: bool):

@@ -33,7 +33,7 @@ from service.schemas import (
     Text,
     TokenLogprob,
 )
-from service.security import require_infer
+from service.security import caller, require_infer
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -224,8 +224,10 @@ async def completions(req: CompletionRequest, rt: RuntimeDep, request: Request):
             return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
                     "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
 
-        return EventSourceResponse(_stream(await rt.stream(req.model, prompts[0], req.parameters()), chunk))
-    r = await rt.infer(req.model, prompts, req.parameters(), disconnected=request.is_disconnected)
+        events = await rt.stream(req.model, prompts[0], req.parameters(), caller=caller(request))
+        return EventSourceResponse(_stream(events, chunk))
+    r = await rt.infer(req.model, prompts, req.parameters(), disconnected=request.is_disconnected,
+                       caller=caller(request))
     # outputs come input by input, n per input: choice p * n + i is sample i of prompt p
     return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
             "choices": [{"index": i, "text": o.text, "finish_reason": _finish(o.finish_reason),
@@ -250,8 +252,10 @@ async def chat_completions(req: ChatRequest, rt: RuntimeDep, request: Request):
                     "choices": [{"index": index, "delta": delta, "finish_reason": finish,
                                  "logprobs": _chat_logprobs(tokens)}]}
 
-        return EventSourceResponse(_stream(await rt.stream(req.model, messages, req.parameters()), chunk))
-    r = await rt.infer(req.model, [messages], req.parameters(), disconnected=request.is_disconnected)
+        events = await rt.stream(req.model, messages, req.parameters(), caller=caller(request))
+        return EventSourceResponse(_stream(events, chunk))
+    r = await rt.infer(req.model, [messages], req.parameters(), disconnected=request.is_disconnected,
+                       caller=caller(request))
     return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": o.text},
                          "finish_reason": _finish(o.finish_reason), "logprobs": _chat_logprobs(o.logprobs)}
