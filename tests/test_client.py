@@ -106,7 +106,7 @@ def test_cli_talks_to_a_server(tiny_served, tmp_path, capsys):
 def test_public_names_of_the_client():
     import clients
 
-    assert sorted(clients.__all__) == ["AsyncClient", "Client", "Conflict", "FrozenLMError", "InferResult",
+    assert sorted(clients.__all__) == ["AsyncClient", "Client", "Conflict", "DocumentsJob", "FrozenLMError", "InferResult",
                                        "InvalidRequest", "NotFound", "Output", "Overloaded", "TaskInfo",
                                        "Unauthorized", "Uploaded"]
     for name in clients.__all__:
