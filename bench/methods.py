@@ -382,11 +382,16 @@ def fewshot_table(out: dict) -> list[str]:
     tasks = [d for d in ("sst2", "trec") if any(d in m for m in fs.values())]
     names = {"sst2": "SST-2", "trec": "TREC"}
     spec = out["fewshot_budget"]
+    seeds = sorted({s for m in fs.values() for d in m.values() for runs in d.values() for s in runs}, key=int)
+    counts = {len(runs) for m in fs.values() for d in m.values() for runs in d.values()}
+    said = (f"training seeds {', '.join(seeds)} in every cell (mean ± sample standard deviation)" if counts == {len(seeds)}
+            else f"training seeds {', '.join(seeds)}, of which {min(counts)} to {max(counts)} ran per cell (mean ± "
+                 f"sample standard deviation where more than one)")
     lines = ["", f"**Few-shot.** {spec['steps']} steps x batch {spec['batch_size']} (as above) on the first n rows of "
-                 f"one seeded shuffle of each training set (16 ⊂ 64 ⊂ 256; the same rows for every method), scored on "
-                 f"the first {spec['eval_rows']} eval rows above; one training seed (0). `n=all` is the method's "
-                 f"seed-0 row of the table above (the whole training set, {spec['steps'] * spec['batch_size']} rows "
-                 f"seen once, scored on all its eval rows).", "",
+                 f"one seeded shuffle of each training set (16 ⊂ 64 ⊂ 256; the same rows for every method and seed), "
+                 f"scored on the first {spec['eval_rows']} eval rows above; {said}. `n=all` is the method's row of "
+                 f"the table above (the whole training set, {spec['steps'] * spec['batch_size']} rows seen once, "
+                 f"scored on all its eval rows, its seeds).", "",
              "| method | " + " | ".join(f"{names[d]} n={n}" for d in tasks for n in sizes + ["all"]) + " |",
              "|---|" + "---:|" * (len(tasks) * (len(sizes) + 1))]
     for name in [m for m in METHODS if m in fs]:
@@ -396,7 +401,7 @@ def fewshot_table(out: dict) -> list[str]:
                 runs = fs[name].get(d, {}).get(str(n), {})
                 cells.append(mean_sd([v["eval_accuracy"] for v in runs.values()]))
             full = out["results"].get(name, {}).get(d)
-            cells.append(f"{seed_runs(full)['0']['eval_accuracy']:.3f}" if full and "0" in seed_runs(full) else "-")
+            cells.append(mean_sd([v["eval_accuracy"] for v in seed_runs(full).values()]) if full else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
