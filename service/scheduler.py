@@ -91,7 +91,7 @@ class Scheduler:
                            code="request_too_large")
 
     def next_batch(self, timeout: float = 0.5, rows: int | None = None, fits=None) -> list[Job]:
-        """Jobs taken in turn from the tasks' lines, oldest first within a line, up to `rows` rows
+        """Jobs taken in turn from the lines, oldest first within a line, up to `rows` rows
         (at most max_batch_size; a job of n samples is n rows, and the first job is always taken); []
         on timeout or close. A line whose job is taken goes to the back of the turn; a line whose
         next job does not fit keeps its place, so its job goes first when there is room.
@@ -110,14 +110,14 @@ class Scheduler:
             more = True
             while more:
                 more = False
-                for task in list(self._lines):
-                    line = self._lines[task]
+                for key in list(self._lines):
+                    line = self._lines[key]
                     while line and line[0].cancelled:  # its request went away: handed over to be counted, it takes no room
                         batch.append(line.popleft())
-                    if task not in held and line:
+                    if key not in held and line:
                         job = line[0]
                         if (blocked and job.sampling is not None) or not self._room(job, live, taken, used, rows, fits):
-                            held.add(task)
+                            held.add(key)
                             blocked = blocked or (fits is not None and job.sampling is not None)
                         else:
                             batch.append(line.popleft())
@@ -125,9 +125,9 @@ class Scheduler:
                             used += job.cost
                             taken += job.n
                             more = True
-                            self._lines.move_to_end(task)
+                            self._lines.move_to_end(key)
                     if not line:
-                        del self._lines[task]
+                        del self._lines[key]
             return batch
 
     def _room(self, job: Job, live: list[Job], taken: int, used: int, rows: int, fits) -> bool:
